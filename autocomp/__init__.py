@@ -1,0 +1,34 @@
+"""autocomp: automated compression search for causal language models.
+
+``import autocomp`` is light: it imports neither torch-heavy modules nor Ray; the API functions
+load what they need when called. See :mod:`autocomp.api` for the Python API.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "search", "pareto", "recommend", "compress", "export", "StudySpec", "SearchSpace",
+           "CompressionPlan", "LayerPlan", "Budgets"]
+
+
+def __getattr__(name: str):
+    if name in ("search", "pareto", "recommend", "compress", "export"):
+        from autocomp import api
+
+        return getattr(api, name)
+    if name == "StudySpec":
+        from autocomp.spec import StudySpec
+
+        return StudySpec
+    if name == "SearchSpace":
+        from autocomp.space import SearchSpace
+
+        return SearchSpace
+    if name in ("CompressionPlan", "LayerPlan"):
+        from autocomp import plan
+
+        return getattr(plan, name)
+    if name == "Budgets":
+        from autocomp.objectives import Budgets
+
+        return Budgets
+    raise AttributeError(f"module 'autocomp' has no attribute {name!r}")

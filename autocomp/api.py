@@ -1,0 +1,108 @@
+"""The Python API: the same operations as the CLI.
+
+>>> import autocomp
+>>> spec = autocomp.StudySpec(model="gemma3-270m", space=autocomp.SearchSpace.load("bits"),
+...                           budgets=autocomp.Budgets(max_ppl_increase_pct=10))
+>>> autocomp.search(spec, trials=20, study_name="bits-demo")          # doctest: +SKIP
+>>> front = autocomp.pareto("sqlite:///results/bits-demo/study.db", "bits-demo")   # doctest: +SKIP
+>>> best = autocomp.recommend("sqlite:///results/bits-demo/study.db", "bits-demo")  # doctest: +SKIP
+>>> autocomp.export("sqlite:///results/bits-demo/study.db", "bits-demo", best.trial, "out/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from autocomp.errors import PlanError
+from autocomp.objectives import Budgets
+from autocomp.pareto import TrialRecord, find_trial, load_records, pareto_front
+from autocomp.pareto import recommend as _recommend
+from autocomp.plan import CompressionPlan
+from autocomp.spec import StudySpec
+from autocomp.study.local import SearchOutcome, run_local
+from autocomp.study.storage import default_storage_url, validate_url
+
+
+def default_study_name(spec: StudySpec) -> str:
+    model = Path(spec.model).stem if spec.model.endswith(".gguf") else Path(spec.model.rstrip("/")).name
+    return f"{spec.space.name}-{model}"
+
+
+def search(spec: StudySpec, trials: int, storage: str | None = None, study_name: str | None = None,
+           progress: bool = True, cache_bytes: int = 2 << 30) -> SearchOutcome:
+    """Run or resume a study until it holds ``trials`` completed trials."""
+    study_name = study_name or default_study_name(spec)
+    if storage is not None:
+        validate_url(storage)
+    storage = storage or default_storage_url(study_name)
+
+    from autocomp.study.evaluate import TrialEvaluator
+
+    return run_local(spec, storage, study_name, trials, progress=progress,
+                     evaluator_factory=lambda s: TrialEvaluator(s, cache_bytes=cache_bytes))
+
+
+def pareto(storage: str, study_name: str, budgets: Budgets | None = None) -> list[TrialRecord]:
+    """The feasible Pareto set (study budgets unless ``budgets`` is given), sorted by size."""
+    return pareto_front(load_records(storage, study_name), budgets)
+
+
+def recommend(storage: str, study_name: str, budgets: Budgets | None = None, prefer: str = "auto") -> TrialRecord | None:
+    """One configuration of the feasible front under ``budgets``; None when nothing is feasible."""
+    return _recommend(load_records(storage, study_name), budgets, prefer)
+
+
+def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_code: bool = False,
+             provenance: dict[str, Any] | None = None) -> Path:
+    """Apply ``plan`` to ``model`` and save a folder that ``from_pretrained`` loads, with ``plan.json``.
+
+    Weights are saved as float (simulated compression): bytes on disk are not the accounted size,
+    which ``autocomp.json`` records. Raises PlanError for a plan this model cannot take.
+    """
+    from autocomp.calibration import collect_input_stats, stats_digest
+    from autocomp.data import WindowSpec, text_windows
+    from autocomp.evaluators.size import model_size
+    from autocomp.models import load_model
+    from autocomp.stitch import ModelStitcher
+    from autocomp.targets import find_targets
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PlanError(f"output folder {out} is not empty; choose a new folder")
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    targets = find_targets(loaded.model)
+    per_layer = plan.resolve([t.name for t in targets if t.in_blocks], [t.name for t in targets if not t.in_blocks])
+    stats, digest = {}, None
+    if plan.needs_calibration():
+        cal = plan.calibration
+        if cal is None:
+            raise PlanError("this plan uses a calibrated method (wanda) but has no 'calibration' section saying "
+                            "which text to calibrate on; add e.g. {\"data\": \"wikitext2\", \"split\": \"validation\", "
+                            "\"windows\": 16, \"seq_len\": 512, \"seed\": 0}")
+        windows = text_windows(loaded.tokenizer, cal.data, cal.split, WindowSpec(cal.windows, cal.seq_len, cal.seed),
+                               random=True, bos=cal.bos)
+        stats = collect_input_stats(loaded.model, targets, windows.input_ids)
+        digest = stats_digest(windows.input_ids, loaded.fingerprint)
+    ModelStitcher(loaded.model, targets, loaded.fingerprint, stats, digest).apply(per_layer)
+    size = model_size(loaded.model, targets, per_layer)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    plan.save(out / "plan.json")
+    info = {"model": model, "accounted_size_bytes": size.total_bytes, "accounted_size_mb": size.size_mb,
+            "dense_size_bytes": size.dense_bytes, "compression_ratio": size.compression_ratio,
+            "note": "weights are stored dequantized in float; accounted size is what a packed format takes"}
+    info.update(provenance or {})
+    (out / "autocomp.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def export(storage: str, study_name: str, trial: int, out: str | Path) -> Path:
+    """Rebuild trial ``trial`` of the study from its stored plan and save it like :func:`compress`."""
+    records = load_records(storage, study_name)
+    record = find_trial(records, trial)
+    plan = CompressionPlan.from_dict(record.plan, where=f"trial {trial} plan")
+    return compress(records.spec.model, plan, out, trust_remote_code=records.spec.trust_remote_code,
+                    provenance={"study_name": study_name, "trial": trial, "metrics": record.metrics})

@@ -1,0 +1,86 @@
+"""Registry of compressors by short, stable name (``rtn``, ``magnitude``, ``wanda``, ...).
+
+A compressor is registered with an explicit decorator, never found by walking packages::
+
+    @register_compressor("magnitude", kind="prune", prune_group="tensor")
+    def magnitude_mask(weight, sparsity, nm, stats): ...
+
+Two kinds exist. A *pruner* returns a boolean keep-mask of the weight's shape (``[out, in]``);
+a *quantizer* returns a :class:`QuantizedWeight` (dequantized float weight plus its scales and zero
+points). This module imports nothing heavy so that plans can be validated without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from autocomp.errors import PlanError
+
+Kind = Literal["prune", "quant"]
+
+
+@dataclass(frozen=True)
+class CompressorEntry:
+    name: str
+    kind: Kind
+    fn: Callable
+    needs_calibration: bool
+    prune_group: str  # pruners: "tensor" (rank over the layer) or "row" (per output row); "" for quantizers
+
+    @property
+    def data_free(self) -> bool:
+        """True when the result depends on the weight alone (so stitching variants is exact)."""
+        return not self.needs_calibration
+
+
+_REGISTRY: dict[str, CompressorEntry] = {}
+
+
+def register_compressor(name: str, kind: Kind, needs_calibration: bool = False,
+                        prune_group: str = "") -> Callable[[Callable], Callable]:
+    """Register ``fn`` under ``name``. Raises ValueError on a duplicate name (a programming error).
+
+    A pruner declares its unstructured comparison group (``"tensor"`` or ``"row"``) so that the
+    number of pruned weights, and hence the size, is known without running it.
+    """
+    if kind not in ("prune", "quant"):
+        raise ValueError(f"kind must be 'prune' or 'quant', got {kind!r}")
+    if (kind == "prune") != (prune_group in ("tensor", "row")):
+        raise ValueError("a pruner needs prune_group 'tensor' or 'row'; a quantizer none")
+
+    def decorate(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"compressor {name!r} is registered twice")
+        _REGISTRY[name] = CompressorEntry(name, kind, fn, needs_calibration, prune_group)
+        return fn
+
+    return decorate
+
+
+def _ensure_builtins() -> None:
+    import autocomp.compressors  # noqa: F401  (registers the built-in compressors)
+
+
+def get_compressor(name: str) -> CompressorEntry:
+    _ensure_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PlanError(f"unknown compression method {name!r}; known methods: {', '.join(available_compressors())}") from None
+
+
+def available_compressors(kind: Kind | None = None) -> list[str]:
+    _ensure_builtins()
+    return sorted(n for n, e in _REGISTRY.items() if kind is None or e.kind == kind)
+
+
+def compressor_kind(name: str) -> Kind:
+    return get_compressor(name).kind
+
+
+def compressor_needs_calibration(method: str) -> bool:
+    """True if any part of a (possibly ``a+b``) method needs calibration statistics."""
+    if method == "none":
+        return False
+    return any(get_compressor(part).needs_calibration for part in method.split("+"))

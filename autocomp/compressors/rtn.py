@@ -1,0 +1,96 @@
+"""Round-to-nearest group quantization, simulated in float.
+
+Each output row is cut into groups of ``group_size`` consecutive input weights (``-1``: the whole
+row). A group stores integer codes ``q`` in ``[0, 2^bits - 1]``, one fp16 scale and, when
+asymmetric, an integer zero point, and represents ``(q - zero) * scale``:
+
+* asymmetric: ``scale = (max - min) / (2^bits - 1)``, ``zero = round(-min / scale)``;
+* symmetric: ``scale = 2 * max|w| / (2^bits - 1)``, ``zero = 2^(bits-1)`` (fixed, not stored).
+
+The range always includes 0 (as in GPTQ's quantizer), so zero is represented exactly and pruned
+weights stay exactly zero. Scales are rounded to fp16 before use, so the simulation equals what a
+packed format with fp16 scales would hold. Pruned weights (``mask == False``) are excluded from the
+range and stay zero. A ragged last group (input size not a multiple of the group size) is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from autocomp.compressors.registry import register_compressor
+
+_MIN_SCALE = 2.0 ** -24  # smallest positive fp16 (subnormal)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized ``[out, in]`` weight: dequantized values plus what a packed format stores."""
+
+    weight: torch.Tensor          # dequantized, float32, [out, in]
+    codes: torch.Tensor           # uint8 codes, [out, in]
+    scales: torch.Tensor          # fp16, [out, n_groups]
+    zeros: torch.Tensor | None    # uint8, [out, n_groups]; None when symmetric
+    bits: int
+    group_size: int               # resolved: never -1
+
+
+def resolve_group_size(group_size: int, in_features: int) -> int:
+    return in_features if group_size == -1 or group_size > in_features else group_size
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    gs = resolve_group_size(group_size, in_features)
+    return -(-in_features // gs)
+
+
+def group_quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    mask: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Quantize ``weight`` (``[out, in]``) group-wise to ``bits`` with round-to-nearest."""
+    w = weight.detach().to(torch.float32)
+    if mask is not None:
+        w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    out_f, in_f = w.shape
+    gs = resolve_group_size(group_size, in_f)
+    ng = -(-in_f // gs)
+    pad = ng * gs - in_f
+    wg = torch.nn.functional.pad(w, (0, pad)).reshape(out_f, ng, gs)  # zero padding never widens the range
+    maxq = 2 ** bits - 1
+    wmin = wg.amin(dim=2).clamp(max=0.0)
+    wmax = wg.amax(dim=2).clamp(min=0.0)
+    if symmetric:
+        absmax = torch.maximum(wmin.abs(), wmax)
+        scale = 2.0 * absmax / maxq
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        scale = (wmax - wmin) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=_MIN_SCALE)
+    scale = scale.to(torch.float16).to(torch.float32)
+    if not symmetric:
+        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    q = torch.clamp(torch.round(wg / scale.unsqueeze(2)) + zero.unsqueeze(2), 0, maxq)
+    deq = ((q - zero.unsqueeze(2)) * scale.unsqueeze(2)).reshape(out_f, ng * gs)[:, :in_f]
+    codes = q.reshape(out_f, ng * gs)[:, :in_f].to(torch.uint8)
+    if mask is not None:
+        deq = torch.where(mask, deq, torch.zeros((), dtype=deq.dtype))
+    return QuantizedWeight(
+        weight=deq.contiguous(),
+        codes=codes.contiguous(),
+        scales=scale.to(torch.float16),
+        zeros=None if symmetric else zero.to(torch.uint8),
+        bits=bits,
+        group_size=gs,
+    )
+
+
+@register_compressor("rtn", kind="quant")
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                 mask: torch.Tensor | None = None, stats=None) -> QuantizedWeight:
+    """Registered entry point: round-to-nearest; ignores calibration statistics."""
+    return group_quantize_weight(weight, bits, group_size, symmetric, mask)

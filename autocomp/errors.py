@@ -1,0 +1,46 @@
+"""Named errors of autocomp.
+
+Every error a user can cause derives from :class:`AutocompError`. The CLI prints
+``autocomp: error: <message>`` on one line and exits with the class's ``exit_code``;
+no traceback is shown for these. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class AutocompError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+    exit_code = 2
+
+
+class ModelLoadError(AutocompError):
+    """A model id, folder or GGUF file cannot be resolved or loaded."""
+
+
+class DataError(AutocompError):
+    """A text source cannot be read, or yields too few tokens for the windows asked for."""
+
+
+class PlanError(AutocompError):
+    """A compression plan is malformed or asks for something a layer cannot do."""
+
+
+class SpaceError(AutocompError):
+    """A search-space YAML file has an unknown key or a bad value."""
+
+
+class BudgetError(AutocompError):
+    """A budget is malformed or cannot be met by any configuration of the search space."""
+
+
+class StorageError(AutocompError):
+    """A storage URL is malformed or the storage cannot be opened."""
+
+
+class StudyError(AutocompError):
+    """A study is missing, or exists with a different specification."""
+
+
+class TrialNotFoundError(StudyError):
+    """A trial number does not name a completed trial of the study."""

@@ -1,0 +1,101 @@
+"""StudySpec: everything that determines a study's trials, frozen and hashed.
+
+The hash covers the model, data, windows, search space (its content, not its path), objectives,
+budgets, sampler and seed. It does not cover the number of trials (asking for more resumes the same
+study), the storage URL, the study name or display options. Re-running a study name with a spec of a
+different hash is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from autocomp.data import BOS_MODES, WindowSpec
+from autocomp.errors import StudyError
+from autocomp.objectives import DEFAULT_OBJECTIVES, Budgets, validate_objectives
+from autocomp.space import SearchSpace
+
+SAMPLERS = ("nsga2", "tpe")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    model: str
+    space: SearchSpace
+    data: str = "wikitext2"
+    calib_data: str | None = None
+    eval_windows: WindowSpec = field(default_factory=lambda: WindowSpec(16, 512))
+    calib_windows: WindowSpec = field(default_factory=lambda: WindowSpec(16, 512, seed=0))
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
+    budgets: Budgets = field(default_factory=Budgets)
+    sampler: str = "nsga2"
+    seed: int = 0
+    kl_topk: int = 128
+    bos: str = "every"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        validate_objectives(self.objectives)
+        if self.sampler not in SAMPLERS:
+            raise StudyError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if self.bos not in BOS_MODES:
+            raise StudyError(f"unknown bos mode {self.bos!r}; choose from {', '.join(BOS_MODES)}")
+        if self.kl_topk < 1:
+            raise StudyError(f"kl_topk must be >= 1, got {self.kl_topk}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "data": self.data,
+            "calib_data": self.calib_data,
+            "eval_windows": {"count": self.eval_windows.count, "seq_len": self.eval_windows.seq_len},
+            "calib_windows": {"count": self.calib_windows.count, "seq_len": self.calib_windows.seq_len,
+                              "seed": self.calib_windows.seed},
+            "space": self.space.to_dict(),
+            "objectives": list(self.objectives),
+            "budgets": self.budgets.to_dict(),
+            "sampler": self.sampler,
+            "seed": self.seed,
+            "kl_topk": self.kl_topk,
+            "bos": self.bos,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StudySpec":
+        ew, cw = data["eval_windows"], data["calib_windows"]
+        return cls(
+            model=data["model"], data=data["data"], calib_data=data.get("calib_data"),
+            eval_windows=WindowSpec(ew["count"], ew["seq_len"]),
+            calib_windows=WindowSpec(cw["count"], cw["seq_len"], cw.get("seed", 0)),
+            space=SearchSpace.from_dict(data["space"], "stored study spec"),
+            objectives=tuple(data["objectives"]), budgets=Budgets.from_dict(data["budgets"]),
+            sampler=data["sampler"], seed=data["seed"], kl_topk=data.get("kl_topk", 128), bos=data.get("bos", "every"),
+            trust_remote_code=data.get("trust_remote_code", False),
+        )
+
+    def calibration(self) -> "CalibrationSpec":
+        from autocomp.data import calibration_source
+        from autocomp.plan import CalibrationSpec
+
+        source, split = calibration_source(self.data, self.calib_data)
+        return CalibrationSpec(source, split, self.calib_windows.count, self.calib_windows.seq_len,
+                               self.calib_windows.seed, self.bos)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable list of keys whose values differ between two spec dicts."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(spec_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            diffs.append(f"{prefix}{key}: stored {a!r}, now {b!r}")
+    return diffs

@@ -1,0 +1,74 @@
+"""Building a compressed model in memory by swapping in only the layers that change.
+
+:class:`ModelStitcher` owns one loaded model. It keeps the dense weight of every target it has
+touched, remembers which layer plan each target currently holds, and on :meth:`apply` rewrites only
+the targets whose plan differs, taking compressed weights from a :class:`LayerVariantCache`. Since
+calibration statistics come from the dense model, a stitched model is bit-identical to compressing
+the dense model from scratch with the same plan.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from autocomp.cache import LayerVariantCache
+from autocomp.calibration import LayerStats
+from autocomp.compressors import compress_weight
+from autocomp.errors import PlanError
+from autocomp.plan import DENSE, LayerPlan
+from autocomp.targets import Target, get_module, read_weight, write_weight
+
+
+class ModelStitcher:
+    def __init__(self, model: nn.Module, targets: list[Target], fingerprint: str,
+                 stats: Mapping[str, LayerStats] | None = None, stats_digest: str | None = None,
+                 cache: LayerVariantCache | None = None) -> None:
+        self.model = model
+        self.targets = {t.name: t for t in targets}
+        self.fingerprint = fingerprint
+        self.stats = dict(stats or {})
+        self.stats_digest = stats_digest
+        self.cache = cache if cache is not None else LayerVariantCache()
+        self._dense: dict[str, torch.Tensor] = {}
+        self._current: dict[str, LayerPlan] = {name: DENSE for name in self.targets}
+
+    def dense_weight(self, name: str) -> torch.Tensor:
+        """The dense ``[out, in]`` weight of a target (saved the first time the target changes)."""
+        if name in self._dense:
+            return self._dense[name]
+        return read_weight(get_module(self.model, name))
+
+    def variant(self, name: str, plan: LayerPlan) -> torch.Tensor:
+        """The compressed weight of target ``name`` under ``plan`` (cached)."""
+        stats = self.stats.get(name)
+        key = LayerVariantCache.key(self.fingerprint, name, plan, self.stats_digest)
+        try:
+            return self.cache.get_or_compute(key, lambda: compress_weight(self.dense_weight(name), plan, stats).weight)
+        except PlanError as exc:
+            raise PlanError(f"layer {name}: {exc}") from None
+
+    def apply(self, plan: Mapping[str, LayerPlan]) -> int:
+        """Make the model hold ``plan`` (missing names: dense). Returns how many layers were rewritten."""
+        unknown = set(plan) - set(self.targets)
+        if unknown:
+            raise PlanError(f"plan names layers that are not targets of this model: {sorted(unknown)[:5]}")
+        changed = 0
+        for name in self.targets:
+            wanted = plan.get(name, DENSE)
+            if wanted == self._current[name]:
+                continue
+            module = get_module(self.model, name)
+            if name not in self._dense:
+                self._dense[name] = read_weight(module).clone()
+            new = self._dense[name] if wanted.is_dense else self.variant(name, wanted)
+            write_weight(module, new)
+            self._current[name] = wanted
+            changed += 1
+        return changed
+
+    @property
+    def current(self) -> dict[str, LayerPlan]:
+        return dict(self._current)

@@ -1,0 +1,1 @@
+"""Running studies: storage URLs, the trial evaluator, and the local backend."""

@@ -1,0 +1,240 @@
+"""The local backend: one process asks Optuna for trials, evaluates them, tells the results.
+
+Resume is running the same command again:
+
+* the study's spec hash must equal the new one (else :class:`StudyError` with the differences);
+* trials left ``RUNNING`` by a process of this host that no longer exists (killed, crashed) are marked
+  failed with that reason and their parameters re-enqueued, at most ``MAX_RETRIES`` times each;
+* only the missing trials run: the target is ``n_trials`` *completed* trials;
+* a finished study returns at once without loading the model.
+
+A trial that raises (a layer that cannot take its plan, out of memory, NaN) is recorded as failed
+with its plan and traceback and the study goes on; ``MAX_CONSECUTIVE_FAILURES`` in a row stop it,
+since then the configuration itself is broken. Ctrl-C marks the running trial failed, re-enqueues
+it, and exits; the next run picks it up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from autocomp import __version__
+from autocomp.errors import AutocompError, BudgetError, StudyError
+from autocomp.objectives import objective_values
+from autocomp.plan import CompressionPlan
+from autocomp.spec import StudySpec, spec_differences
+from autocomp.study.storage import open_storage
+
+MAX_RETRIES = 2
+MAX_CONSECUTIVE_FAILURES = 5
+SPEC_ATTR = "autocomp_spec"
+HASH_ATTR = "autocomp_spec_hash"
+DENSE_ATTR = "autocomp_dense"
+BASELINES_ATTR = "autocomp_baselines_enqueued"
+
+
+@dataclass
+class SearchOutcome:
+    study_name: str
+    completed: int
+    ran: int
+    failed: int
+
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def make_sampler(spec: StudySpec):
+    """NSGA-II (default) or multivariate TPE, seeded. Budgets reach them as per-trial constraints
+    (``trial.set_constraint``), which Optuna's samplers read from the stored trials."""
+    optuna = _optuna()
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
+    return optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=16)
+
+
+def load_existing(storage, study_name: str):
+    """The study if it exists, else None."""
+    optuna = _optuna()
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return None
+
+
+def check_spec(study, spec: StudySpec) -> None:
+    stored_hash = study.user_attrs.get(HASH_ATTR)
+    if stored_hash is None:
+        raise StudyError(f"study {study.study_name!r} exists but was not created by autocomp; choose another --study-name")
+    if stored_hash != spec.digest():
+        diffs = spec_differences(study.user_attrs.get(SPEC_ATTR, {}), spec.to_dict())
+        raise StudyError(
+            f"study {study.study_name!r} exists with a different specification ({'; '.join(diffs[:4]) or 'hash differs'}); "
+            "re-run with the same options to resume, or pick a new --study-name"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_trials(study) -> int:
+    """Fail RUNNING trials whose process (on this host) is gone; re-enqueue their params. Returns the count."""
+    optuna = _optuna()
+    host = socket.gethostname()
+    recovered = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host:
+            continue  # another machine's worker: left to its heartbeat
+        pid = t.user_attrs.get("pid")
+        if pid is None or pid == os.getpid() or _pid_alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker process {pid} died during the trial")
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        retries = int(t.user_attrs.get("retries", 0))
+        if retries < MAX_RETRIES and t.params:
+            study.enqueue_trial(t.params, user_attrs={"retries": retries + 1, "retry_of": t.number})
+        recovered += 1
+    return recovered
+
+
+def count_completed(study) -> int:
+    optuna = _optuna()
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
+              progress: bool = True, evaluator_factory: Callable[[StudySpec], Any] | None = None,
+              echo: Callable[[str], None] = print) -> SearchOutcome:
+    """Run (or resume) the study until it holds ``n_trials`` completed trials."""
+    if n_trials < 1:
+        raise StudyError(f"--trials must be at least 1, got {n_trials}")
+    optuna = _optuna()
+    storage = open_storage(storage_url)
+    study = load_existing(storage, study_name)
+    if study is not None:
+        check_spec(study, spec)
+        recover_dead_trials(study)
+        done = count_completed(study)
+        if done >= n_trials:
+            echo(f"study {study_name!r} already has {done} completed trials (asked for {n_trials}); nothing to run")
+            return SearchOutcome(study_name, done, 0, 0)
+
+    from autocomp.study.evaluate import TrialEvaluator
+
+    evaluator = (evaluator_factory or TrialEvaluator)(spec)
+    if spec.budgets.max_size_mb is not None:
+        floor = evaluator.min_size_mb()
+        if floor > spec.budgets.max_size_mb:
+            raise BudgetError(
+                f"--max-size-mb {spec.budgets.max_size_mb:g} cannot be met: the smallest configuration of space "
+                f"{spec.space.name!r} is {floor:.1f} MB (dense {evaluator.dense.size_mb:.1f} MB); raise the budget "
+                "or search a space with fewer bits / more sparsity (e.g. include the embedding)"
+            )
+    if study is None:
+        study = optuna.create_study(study_name=study_name, storage=storage, sampler=make_sampler(spec),
+                                    directions=["minimize"] * len(spec.objectives), load_if_exists=True)
+        if HASH_ATTR in study.user_attrs:  # another process created it a moment ago
+            check_spec(study, spec)
+        else:
+            study.set_user_attr(SPEC_ATTR, spec.to_dict())
+            study.set_user_attr(HASH_ATTR, spec.digest())
+            study.set_user_attr("autocomp_version", __version__)
+    else:
+        study.sampler = make_sampler(spec)
+    study.set_user_attr(DENSE_ATTR, {"perplexity": evaluator.dense.perplexity, "size_mb": evaluator.dense.size_mb,
+                                     "size_bytes": evaluator.dense.size_bytes})
+    if not study.user_attrs.get(BASELINES_ATTR):
+        for params in spec.space.baseline_params(evaluator.targets)[:n_trials]:
+            study.enqueue_trial(params, user_attrs={"baseline": True})
+        study.set_user_attr(BASELINES_ATTR, True)
+
+    done = count_completed(study)
+    ran = failed = consecutive = 0
+    bar = _progress_bar(progress, n_trials, done)
+    best: tuple[float, float] | None = None
+    try:
+        while done < n_trials:
+            trial = study.ask()
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+            try:
+                values, metrics = _run_trial(trial, spec, evaluator)
+            except KeyboardInterrupt:
+                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                study.enqueue_trial(trial.params, user_attrs={"retries": int(trial.user_attrs.get("retries", 0))})
+                raise
+            except (AutocompError, RuntimeError, ValueError, FloatingPointError, MemoryError) as exc:
+                trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+                trial.set_user_attr("traceback", traceback.format_exc()[-8000:])
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                failed += 1
+                consecutive += 1
+                if bar is not None:
+                    bar.write(f"trial {trial.number} failed: {type(exc).__name__}: {exc}")
+                if consecutive >= MAX_CONSECUTIVE_FAILURES:
+                    raise StudyError(f"{consecutive} trials failed in a row, last: {type(exc).__name__}: {exc}; "
+                                     "the study is kept; fix the cause and re-run to resume") from None
+                continue
+            study.tell(trial, values)
+            consecutive = 0
+            ran += 1
+            done += 1
+            if spec.budgets.feasible(metrics, evaluator.dense.perplexity):
+                point = (metrics[spec.objectives[0]], metrics["size_mb"])
+                if best is None or point[0] < best[0]:
+                    best = point
+            if bar is not None:
+                bar.update(1)
+                if best is not None:
+                    bar.set_postfix_str(f"best feasible {spec.objectives[0]}={best[0]:.4g} @ {best[1]:.1f} MB")
+                else:
+                    bar.set_postfix_str("no feasible point yet")
+    finally:
+        if bar is not None:
+            bar.close()
+    return SearchOutcome(study_name, done, ran, failed)
+
+
+def _run_trial(trial, spec: StudySpec, evaluator) -> tuple[list[float], dict[str, float]]:
+    start = time.perf_counter()
+    per_layer = spec.space.suggest(trial, evaluator.targets)
+    plan = CompressionPlan.explicit(per_layer, calibration=spec.calibration() if evaluator.stats else None,
+                                    embeddings=any(not t.in_blocks for t in evaluator.targets))
+    trial.set_user_attr("plan", plan.to_dict())
+    uniform = spec.space.describe_uniform(trial.params)
+    if uniform:
+        trial.set_user_attr("uniform", uniform)
+    metrics = evaluator.evaluate(per_layer)
+    metrics["seconds"] = time.perf_counter() - start
+    if not math.isfinite(metrics["perplexity"]):
+        trial.set_user_attr("note", "perplexity overflowed: the compressed model is broken")
+    trial.set_user_attr("metrics", metrics)
+    for name, value in spec.budgets.constraints(metrics, evaluator.dense.perplexity).items():
+        trial.set_constraint(name, value)
+    return objective_values(metrics, spec.objectives), metrics
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="trials", unit="trial", dynamic_ncols=True)

@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import ARCHS, build_tiny_model, train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    train_tokenizer(root / "tokenizer")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_root) -> dict[str, Path]:
+    return {arch: build_tiny_model(arch, tiny_root / arch, tiny_root / "tokenizer") for arch in ARCHS}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "autocomp-cache"
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    yield

@@ -1,0 +1,70 @@
+"""Tiny random causal LMs and a small BPE tokenizer, built from configs in seconds (for tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from autocomp.data import load_named_split
+
+VOCAB = 384
+
+
+def train_tokenizer(out_dir: Path):
+    """A byte-level BPE with BOS/EOS trained on a slice of WikiText-2 validation; saved to ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = load_named_split("wikitext2", "validation").text[:200_000]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def tiny_config(arch: str, vocab: int):
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if arch == "gemma3":
+        return Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                                sliding_window=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                tie_word_embeddings=True)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                          bos_token_id=1, eos_token_id=2)
+    if arch == "opt":
+        return OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    raise ValueError(arch)
+
+
+ARCHS = ("llama", "gemma3", "gpt2", "opt", "qwen2")
+
+
+def build_tiny_model(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Save a tiny random ``arch`` model plus the tokenizer under ``out_dir``; returns the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok)))
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
