@@ -31,8 +31,12 @@ def default_study_name(spec: StudySpec) -> str:
 
 
 def search(spec: StudySpec, trials: int, storage: str | None = None, study_name: str | None = None,
-           progress: bool = True, cache_bytes: int = 2 << 30) -> SearchOutcome:
-    """Run or resume a study until it holds ``trials`` completed trials."""
+           progress: bool = True, cache_bytes: int = 2 << 30, cache_dir: str | Path | None = None) -> SearchOutcome:
+    """Run or resume a study until it holds ``trials`` finished trials.
+
+    ``cache_dir``: folder for calibrated layer variants (default ``$AUTOCOMP_CACHE/variants``;
+    ``"none"`` keeps them in memory only).
+    """
     study_name = study_name or default_study_name(spec)
     if storage is not None:
         validate_url(storage)
@@ -40,8 +44,11 @@ def search(spec: StudySpec, trials: int, storage: str | None = None, study_name:
 
     from autocomp.study.evaluate import TrialEvaluator
 
+    from autocomp.models import cache_root
+
+    directory = None if str(cache_dir) == "none" else Path(cache_dir) if cache_dir else cache_root() / "variants"
     return run_local(spec, storage, study_name, trials, progress=progress,
-                     evaluator_factory=lambda s: TrialEvaluator(s, cache_bytes=cache_bytes))
+                     evaluator_factory=lambda s: TrialEvaluator(s, cache_bytes=cache_bytes, cache_dir=directory))
 
 
 def pareto(storage: str, study_name: str, budgets: Budgets | None = None) -> list[TrialRecord]:
@@ -83,9 +90,15 @@ def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_co
                             "\"windows\": 16, \"seq_len\": 512, \"seed\": 0}")
         windows = text_windows(loaded.tokenizer, cal.data, cal.split, WindowSpec(cal.windows, cal.seq_len, cal.seed),
                                random=True, bos=cal.bos)
-        stats = collect_input_stats(loaded.model, targets, windows.input_ids)
-        digest = stats_digest(windows.input_ids, loaded.fingerprint)
-    ModelStitcher(loaded.model, targets, loaded.fingerprint, stats, digest).apply(per_layer)
+        if cal.mode == "sequential":
+            from autocomp.sequential import compress_sequential
+
+            compress_sequential(loaded.model, targets, per_layer, windows.input_ids, hessian=plan.needs_hessian())
+        else:
+            stats = collect_input_stats(loaded.model, targets, windows.input_ids, hessian=plan.needs_hessian())
+            digest = stats_digest(windows.input_ids, loaded.fingerprint)
+    if not (plan.needs_calibration() and plan.calibration.mode == "sequential"):
+        ModelStitcher(loaded.model, targets, loaded.fingerprint, stats, digest).apply(per_layer)
     size = model_size(loaded.model, targets, per_layer)
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
@@ -106,3 +119,10 @@ def export(storage: str, study_name: str, trial: int, out: str | Path) -> Path:
     plan = CompressionPlan.from_dict(record.plan, where=f"trial {trial} plan")
     return compress(records.spec.model, plan, out, trust_remote_code=records.spec.trust_remote_code,
                     provenance={"study_name": study_name, "trial": trial, "metrics": record.metrics})
+
+
+# Importing the submodule ``autocomp.pareto`` (above) binds that name on the package to the module,
+# which hides the lazy ``autocomp.pareto`` function of ``autocomp/__init__.py``: bind the function.
+import autocomp as _package  # noqa: E402
+
+_package.pareto = pareto

@@ -1,48 +1,157 @@
 """Per-layer compressed variants, computed once and reused (the EvoPress "layer database").
 
-Keys are ``(model fingerprint, layer name, canonical layer plan, statistics digest)``: everything
-that determines the compressed weight. Values are the compressed ``[out, in]`` float weights. The
-cache is in memory, least-recently-used, bounded by bytes.
+A variant's key is the content of everything that determines it: the model's weight digest, the
+layer name, the canonical layer plan, the calibration statistics' digest (for calibrated methods)
+and the autocomp version. Two tiers:
+
+* memory: least-recently-used, bounded by bytes, holding float weights ready to copy in;
+* disk (optional, ``directory``): one safetensors file per variant, written to a temporary file in
+  the same folder and renamed into place (atomic on POSIX), so concurrent workers can share one
+  folder: two processes writing the same entry leave one valid file. Quantized variants are stored
+  as their integer codes, fp16 scales, zero points and keep-mask (about a quarter of the float
+  bytes); they are dequantized on load with the same element-wise float32 arithmetic as when they
+  were made, so a hit is bit-identical to the computed weight.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from autocomp import __version__
+from autocomp.compressors.apply import CompressedWeight
 from autocomp.plan import LayerPlan
 
 
+def _needs_stats(plan: LayerPlan) -> bool:
+    from autocomp.compressors.registry import compressor_needs_calibration
+
+    return compressor_needs_calibration(plan.method)
+
+
+def variant_key(fingerprint: str, layer: str, plan: LayerPlan, stats_digest: str | None) -> str:
+    """Hex digest naming one variant (stats digest only counts for calibrated methods)."""
+    payload = json.dumps([__version__, fingerprint, layer, plan.key(), stats_digest if _needs_stats(plan) else None])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _to_tensors(cw: CompressedWeight) -> dict[str, torch.Tensor]:
+    if cw.quant is None:
+        out = {"weight": cw.weight.contiguous()}
+    else:
+        out = {"codes": cw.quant.codes, "scales": cw.quant.scales,
+               "group_size": torch.tensor([cw.quant.group_size]), "dtype_code": torch.tensor([_dtype_code(cw.weight.dtype)])}
+        if cw.quant.zeros is not None:
+            out["zeros"] = cw.quant.zeros
+        else:
+            out["zero_const"] = torch.tensor([2 ** (cw.quant.bits - 1)])
+    if cw.mask is not None:
+        out["mask"] = cw.mask.contiguous()
+    return out
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype)
+
+
+def _from_tensors(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "weight" in t:
+        return t["weight"]
+    codes = t["codes"].to(torch.float32)
+    in_f = codes.shape[1]
+    gs = int(t["group_size"][0])
+    col_group = torch.arange(in_f) // gs
+    scale = t["scales"].to(torch.float32)[:, col_group]
+    zero = t["zeros"].to(torch.float32)[:, col_group] if "zeros" in t else torch.full_like(scale, float(t["zero_const"][0]))
+    weight = (codes - zero) * scale
+    if "mask" in t:
+        weight = torch.where(t["mask"], weight, torch.zeros((), dtype=weight.dtype))
+    return weight.to(_DTYPES[int(t["dtype_code"][0])]).contiguous()
+
+
 class LayerVariantCache:
-    """LRU map from variant key to compressed weight, holding at most ``max_bytes``."""
+    """Two-tier (memory LRU, optional disk) map from variant key to compressed ``[out, in]`` weight."""
 
-    def __init__(self, max_bytes: int = 2 << 30) -> None:
+    def __init__(self, max_bytes: int = 2 << 30, directory: str | Path | None = None) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.directory = Path(directory) if directory is not None else None
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0          # memory hits
+        self.disk_hits = 0
+        self.misses = 0        # computed
 
-    @staticmethod
-    def key(fingerprint: str, layer: str, plan: LayerPlan, stats_digest: str | None) -> tuple:
-        return (fingerprint, layer, plan.key(), stats_digest if _needs_stats(plan) else None)
+    key = staticmethod(variant_key)
 
-    def get_or_compute(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def _remember(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        self._entries[key] = value
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+
+    def _read(self, key: str) -> torch.Tensor | None:
+        if self.directory is None:
+            return None
+        path = self._path(key)
+        if not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            return _from_tensors(load_file(str(path)))
+        except Exception:  # a torn or foreign file: recompute and overwrite it
+            return None
+
+    def _write(self, key: str, cw: CompressedWeight) -> None:
+        if self.directory is None:
+            return
+        from safetensors.torch import save_file
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(_to_tensors(cw), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def get_or_compute(self, key: str, compute: Callable[[], CompressedWeight], persist: bool = True) -> torch.Tensor:
+        """The variant's float weight: from memory, else disk, else ``compute()`` (then stored;
+        on disk only when ``persist``: callers persist what is expensive to recompute)."""
         if key in self._entries:
             self.hits += 1
             self._entries.move_to_end(key)
             return self._entries[key]
-        self.misses += 1
-        value = compute()
-        size = value.numel() * value.element_size()
-        if size <= self.max_bytes:
-            self._entries[key] = value
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= old.numel() * old.element_size()
+        value = self._read(key) if persist else None
+        if value is not None:
+            self.disk_hits += 1
+        else:
+            self.misses += 1
+            cw = compute()
+            value = cw.weight
+            if persist:
+                self._write(key, cw)
+        self._remember(key, value)
         return value
 
     def __len__(self) -> int:
@@ -51,9 +160,3 @@ class LayerVariantCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
-
-
-def _needs_stats(plan: LayerPlan) -> bool:
-    from autocomp.compressors.registry import compressor_needs_calibration
-
-    return compressor_needs_calibration(plan.method)

@@ -2,8 +2,13 @@
 
 One pass of the calibration windows through the dense model, with forward pre-hooks on every
 target's ``stats_module``, accumulates the per-input-feature sum of squares ``sum_t x_t^2`` (what
-Wanda needs). Statistics are taken on the *dense* model, so every pruned variant of a layer depends
-only on that layer's weight and these statistics, and stitching variants together is exact.
+Wanda needs) and, when asked, the input Hessian ``H = 2 X X^T / n`` (what GPTQ and SparseGPT need).
+
+Statistics taken on the *dense* model make every compressed variant of a layer depend only on that
+layer's weight and these statistics: stitching variants together is then exact for data-free
+methods and for Wanda, and an approximation for GPTQ / SparseGPT, whose papers calibrate each layer
+on the outputs of the already-compressed layers before it (see :mod:`autocomp.sequential` for that
+exact, slower mode).
 """
 
 from __future__ import annotations
@@ -19,30 +24,44 @@ from autocomp.targets import Target
 
 @dataclass
 class LayerStats:
-    input_sq_norm: torch.Tensor   # [in_features], float64 sum over calibration tokens of x_j^2
+    input_sq_norm: torch.Tensor          # [in_features], float64 sum over calibration tokens of x_j^2
     n_tokens: int
+    hessian: torch.Tensor | None = None  # [in, in] float32, 2 X X^T / n_tokens
 
 
-def collect_input_stats(model: nn.Module, targets: list[Target], windows: torch.Tensor) -> dict[str, LayerStats]:
+class StatsAccumulator:
+    """Accumulates one module's input statistics over calls (``add`` a ``[..., in]`` tensor)."""
+
+    def __init__(self, hessian: bool) -> None:
+        self.want_hessian = hessian
+        self.sq: torch.Tensor | None = None
+        self.xtx: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        sq = x.pow(2).sum(dim=0)
+        self.sq = sq if self.sq is None else self.sq + sq
+        if self.want_hessian:
+            xtx = x.t() @ x
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        self.n += x.shape[0]
+
+    def result(self) -> LayerStats:
+        hessian = (2.0 * self.xtx / self.n).to(torch.float32) if self.xtx is not None else None
+        return LayerStats(self.sq, self.n, hessian)
+
+
+def collect_input_stats(model: nn.Module, targets: list[Target], windows: torch.Tensor,
+                        hessian: bool = False) -> dict[str, LayerStats]:
     """Run ``windows`` (``[n, seq]`` token ids) through ``model``; return stats keyed by target name."""
     by_module: dict[str, list[str]] = {}
     for t in targets:
         if t.stats_module is not None:
             by_module.setdefault(t.stats_module, []).append(t.name)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-
-    def make_hook(module_name: str):
-        def hook(_module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            sq = x.pow(2).sum(dim=0)
-            sums[module_name] = sums[module_name] + sq if module_name in sums else sq
-            counts[module_name] = counts.get(module_name, 0) + x.shape[0]
-        return hook
-
-    for module_name in by_module:
-        handles.append(model.get_submodule(module_name).register_forward_pre_hook(make_hook(module_name)))
+    accs = {name: StatsAccumulator(hessian) for name in by_module}
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, inputs, acc=acc: acc.add(inputs[0]))
+               for name, acc in accs.items()]
     try:
         with torch.no_grad():
             for row in windows:
@@ -52,13 +71,14 @@ def collect_input_stats(model: nn.Module, targets: list[Target], windows: torch.
             h.remove()
     stats: dict[str, LayerStats] = {}
     for module_name, names in by_module.items():
+        result = accs[module_name].result()
         for name in names:
-            stats[name] = LayerStats(sums[module_name], counts[module_name])
+            stats[name] = result
     return stats
 
 
-def stats_digest(windows: torch.Tensor, model_fingerprint: str) -> str:
-    """Identifies a set of statistics: the model and the exact calibration tokens."""
-    digest = hashlib.sha256(model_fingerprint.encode())
+def stats_digest(windows: torch.Tensor, model_fingerprint: str, mode: str = "dense") -> str:
+    """Identifies a set of statistics: the model, the exact calibration tokens and the mode."""
+    digest = hashlib.sha256(f"{model_fingerprint}:{mode}".encode())
     digest.update(windows.numpy().tobytes())
     return digest.hexdigest()[:16]

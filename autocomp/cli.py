@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -52,7 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bos", default="every", choices=["every", "first", "none"],
                    help="BOS at the start of every window (default), once before the stream, or never")
     s.add_argument("--kl-topk", type=int, default=128, help="dense top-k kept for the KL objective (default 128)")
+    s.add_argument("--staged-windows", type=int, default=0, metavar="K",
+                   help="staged evaluation: score K windows first and stop candidates that cannot reach the "
+                        "feasible front or break a budget (default 0: off)")
+    s.add_argument("--calibration-mode", default="dense", choices=["dense", "sequential"],
+                   help="dense: statistics of the dense model, layer variants cached and stitched (default); "
+                        "sequential: block by block on the compressed model's activations (exact, slower)")
+    s.add_argument("--sensitivity", action="store_true",
+                   help="measure every group's error at every choice first; seed trials with allocations from it")
+    s.add_argument("--pin-sensitive", type=int, default=0, metavar="K",
+                   help="with --sensitivity: fix the K most sensitive groups at their most accurate choice")
     s.add_argument("--cache-mb", type=int, default=2048, help="memory for cached compressed layers (default 2048)")
+    s.add_argument("--variant-cache", default=None, metavar="DIR",
+                   help="folder for calibrated layer variants shared by runs and workers "
+                        "(default $AUTOCOMP_CACHE/variants; 'none' for memory only)")
     s.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder / hub")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -114,6 +128,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         calib_windows=WindowSpec(args.calib_windows, args.calib_seq_len, args.seed),
         objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()),
         budgets=budgets, sampler=args.sampler, seed=args.seed, kl_topk=args.kl_topk, bos=args.bos,
+        staged_windows=args.staged_windows, calibration_mode=args.calibration_mode,
+        sensitivity=args.sensitivity, pin_sensitive=args.pin_sensitive,
         trust_remote_code=args.trust_remote_code,
     )
     study_name = args.study_name or api.default_study_name(spec)
@@ -122,8 +138,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     storage = args.storage or default_storage_url(study_name)
     print(f"study {study_name!r} in {mask_url(storage)} (spec {spec.digest()}); {spec.budgets.describe()}", file=sys.stderr)
     outcome = api.search(spec, args.trials, storage, study_name, progress=not args.no_progress,
-                         cache_bytes=args.cache_mb << 20)
-    print(f"{outcome.completed} completed trials ({outcome.ran} run now, {outcome.failed} failed now)", file=sys.stderr)
+                         cache_bytes=args.cache_mb << 20, cache_dir=args.variant_cache)
+    print(f"{outcome.completed} completed trials ({outcome.ran} run now, {outcome.pruned} of them stopped early, "
+          f"{outcome.failed} failed now)", file=sys.stderr)
     _print_front(api.pareto(storage, study_name), json_out=False)
     best = api.recommend(storage, study_name)
     if best is not None:
@@ -210,6 +227,14 @@ COMMANDS = {"search": _cmd_search, "pareto": _cmd_pareto, "recommend": _cmd_reco
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # quiet the libraries' own progress bars and advisories; autocomp draws its own trial bar
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # already imported (called in-process): the env vars came too late
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -151,12 +151,35 @@ class LoadedModel:
     fingerprint: str       # identifies the weights: config + weight files (name, size)
 
 
+def _file_digest_memo(path: Path) -> str:
+    """SHA-256 of a weights file, memoised in ``cache_root()/file-digests.json`` by (path, size, mtime)."""
+    memo_path = cache_root() / "file-digests.json"
+    stat = path.stat()
+    memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key in memo:
+        return memo[memo_key]
+    digest = _sha256_file(path)
+    memo[memo_key] = digest
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=".file-digests.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(memo, fh)
+    os.replace(tmp, memo_path)
+    return digest
+
+
 def model_fingerprint(folder: str, config: Any) -> str:
+    """Digest of what determines the weights: the config and the content of every weights file
+    (hashed once per file version, then memoised). A hub id without a local folder hashes its name."""
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     p = Path(folder)
     if p.is_dir():
         for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
-            digest.update(f"{f.name}:{f.stat().st_size}".encode())
+            digest.update(f"{f.name}:{_file_digest_memo(f)}".encode())
     else:
         digest.update(folder.encode())
     return digest.hexdigest()[:16]

@@ -44,6 +44,7 @@ PLAN_VERSION = 1
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
 DENSE_BITS = 16
 PER_CHANNEL = -1
+CALIBRATION_MODES = ("dense", "sequential")
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -70,6 +71,7 @@ class LayerPlan:
     bits: int = DENSE_BITS
     group_size: int = 128
     symmetric: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -114,6 +116,10 @@ class LayerPlan:
             )
         if self.bits == DENSE_BITS and quantizer is not None:
             raise PlanError(f"method {self.method!r} quantizes but bits is 16; give bits < 16 or drop the quantizer")
+        from autocomp.compressors.registry import canonical_options
+
+        given = dict(self.options) if not isinstance(self.options, Mapping) else self.options
+        object.__setattr__(self, "options", canonical_options(self.method, given))
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -132,7 +138,13 @@ class LayerPlan:
         return self.method == "none"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        if self.options:
+            out["options"] = dict(self.options)
+        return out
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
 
     def key(self) -> str:
         """A canonical string for this plan, stable across versions (used in cache keys)."""
@@ -190,6 +202,11 @@ class CalibrationSpec:
     seq_len: int = 512
     seed: int = 0
     bos: str = "every"
+    mode: str = "dense"           # dense: statistics of the dense model; sequential: block by block
+
+    def __post_init__(self) -> None:
+        if self.mode not in CALIBRATION_MODES:
+            raise PlanError(f"calibration mode {self.mode!r} is not one of {', '.join(CALIBRATION_MODES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,6 +252,12 @@ class CompressionPlan:
 
         plans = [lp for _, lp in self.layers] + ([self.default] if self.default else [])
         return any(compressor_needs_calibration(lp.method) for lp in plans)
+
+    def needs_hessian(self) -> bool:
+        from autocomp.compressors.registry import compressor_needs_hessian
+
+        plans = [lp for _, lp in self.layers] + ([self.default] if self.default else [])
+        return any(compressor_needs_hessian(lp.method) for lp in plans)
 
     def resolve(self, block_targets: Sequence[str], extra_targets: Sequence[str] = ()) -> dict[str, LayerPlan]:
         """Return the layer plan of every target, in target order (dense where nothing applies).
@@ -287,6 +310,9 @@ class CompressionPlan:
             raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}")
         if "version" not in data:
             raise PlanError(f"{where}: missing 'version' (this autocomp writes and reads version {PLAN_VERSION})")
+        if isinstance(data["version"], bool) or not isinstance(data["version"], int):
+            raise PlanError(f"{where}: 'version' must be an integer (this autocomp reads version {PLAN_VERSION}), "
+                            f"got {data['version']!r}")
         layers_raw = data.get("layers", {}) or {}
         if not isinstance(layers_raw, Mapping):
             raise PlanError(f"{where}: 'layers' must be an object mapping layer names or 're:' patterns to layer plans")

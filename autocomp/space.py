@@ -133,7 +133,10 @@ class SearchSpace:
             if not isinstance(s, bool):
                 raise SpaceError(f"{where}: quantization.symmetric: {s!r} must be true or false")
         include = tuple(_as_list(f"{where}: targets.include", tgt.get("include", ["re:.*"])))
-        exclude = tuple(tgt.get("exclude", []) or [])
+        exclude_raw = tgt.get("exclude", []) or []
+        if not isinstance(exclude_raw, list):
+            raise SpaceError(f"{where}: targets.exclude: expected a list, got {exclude_raw!r}")
+        exclude = tuple(exclude_raw)
         for key in include + exclude:
             if not isinstance(key, str):
                 raise SpaceError(f"{where}: targets: {key!r} must be a layer name or 're:' pattern (a string)")
@@ -234,11 +237,21 @@ class SearchSpace:
                 ("quant", list(self.quant_methods)), ("group_size", list(self.group_sizes)), ("symmetric", list(self.symmetric))]
         return [(name, choices) for name, choices in dims if len(choices) > 1]
 
-    def suggest(self, trial: Any, targets: Sequence[Target]) -> dict[str, LayerPlan]:
-        """Ask ``trial`` for every group's choices and return the per-target plan."""
+    def group_choices(self) -> list[dict[str, Any]]:
+        """Every combination of the searched dimensions' values (one group's possible choices)."""
+        dims = self._dimensions()
+        return [dict(zip([d for d, _ in dims], combo)) for combo in itertools.product(*[c for _, c in dims])]
+
+    def suggest(self, trial: Any, targets: Sequence[Target],
+                pinned: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, LayerPlan]:
+        """Ask ``trial`` for every group's choices and return the per-target plan. ``pinned`` groups
+        have their values fixed (a one-value categorical, so the space stays static)."""
         plan: dict[str, LayerPlan] = {}
+        pinned = pinned or {}
         for group, members in self.groups(targets).items():
-            values = {dim: trial.suggest_categorical(f"{group}:{dim}", choices) for dim, choices in self._dimensions()}
+            fixed = pinned.get(group)
+            values = {dim: trial.suggest_categorical(f"{group}:{dim}", [fixed[dim]] if fixed else choices)
+                      for dim, choices in self._dimensions()}
             layer_plan = self.layer_plan(values, data_free_only=any(t.stats_module is None for t in members))
             for t in members:
                 plan[t.name] = layer_plan
@@ -258,6 +271,11 @@ class SearchSpace:
 
             if get_compressor(pruner).needs_calibration:
                 pruner = "magnitude"
+        if data_free_only and bits < DENSE_BITS:
+            from autocomp.compressors.registry import get_compressor
+
+            if get_compressor(quant).needs_calibration:  # e.g. gptq on an untied input embedding
+                quant = "rtn"
         if bits == DENSE_BITS:
             gs, sym = 128, False
         return LayerPlan(
@@ -267,7 +285,8 @@ class SearchSpace:
             bits=bits, group_size=gs, symmetric=sym,
         )
 
-    def baseline_params(self, targets: Sequence[Target]) -> list[dict[str, Any]]:
+    def baseline_params(self, targets: Sequence[Target],
+                        pinned: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Optuna params of the uniform configurations: every level x every bit width (first method,
         group size and symmetry), or only the two axes when that product is larger than 16."""
         if not self.baselines:
@@ -285,20 +304,22 @@ class SearchSpace:
             params = {}
             for group in self.groups(targets):
                 for dim in dims:
-                    params[f"{group}:{dim}"] = values[dim]
+                    params[f"{group}:{dim}"] = (pinned or {}).get(group, values)[dim]
             out.append(params)
         return out
 
-    def describe_uniform(self, params: Mapping[str, Any]) -> str | None:
-        """'uniform <level> / <bits>b' when every group holds the same values, else None."""
+    def describe_uniform(self, params: Mapping[str, Any], pinned: Sequence[str] = ()) -> str | None:
+        """'uniform <level> / <bits>b' when every (unpinned) group holds the same values, else None."""
         per_group: dict[str, dict[str, Any]] = {}
         for key, value in params.items():
             group, dim = key.rsplit(":", 1)
+            if group in pinned:
+                continue
             per_group.setdefault(group, {})[dim] = value
         distinct = {tuple(sorted(v.items(), key=lambda kv: kv[0])) for v in per_group.values()}
-        if len(distinct) != 1:
+        if len(distinct) > 1 or (not distinct and self._dimensions()):
             return None
-        values = dict(next(iter(distinct)))
+        values = dict(next(iter(distinct))) if distinct else {}  # no dimension to choose: one configuration
         lp = self.layer_plan(values)
         parts = []
         if lp.pruner:

@@ -35,6 +35,10 @@ class StudySpec:
     seed: int = 0
     kl_topk: int = 128
     bos: str = "every"
+    staged_windows: int = 0       # stage-1 windows of staged evaluation; 0 = off
+    calibration_mode: str = "dense"  # dense (stitched variants) | sequential (exact, per plan)
+    sensitivity: bool = False        # run the sensitivity pass: seed trials from it
+    pin_sensitive: int = 0           # pin this many most sensitive groups to their most accurate choice
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -43,6 +47,15 @@ class StudySpec:
             raise StudyError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.bos not in BOS_MODES:
             raise StudyError(f"unknown bos mode {self.bos!r}; choose from {', '.join(BOS_MODES)}")
+        from autocomp.plan import CALIBRATION_MODES
+
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise StudyError(f"unknown calibration mode {self.calibration_mode!r}; choose from {', '.join(CALIBRATION_MODES)}")
+        if self.pin_sensitive < 0 or (self.pin_sensitive and not self.sensitivity):
+            raise StudyError("pinning sensitive groups needs the sensitivity pass (--sensitivity) and a count >= 0")
+        if self.staged_windows and not 2 <= self.staged_windows < self.eval_windows.count:
+            raise StudyError(f"staged evaluation needs 2 <= stage-1 windows < evaluation windows ({self.eval_windows.count}), "
+                             f"got {self.staged_windows}")
         if self.kl_topk < 1:
             raise StudyError(f"kl_topk must be >= 1, got {self.kl_topk}")
 
@@ -61,6 +74,10 @@ class StudySpec:
             "seed": self.seed,
             "kl_topk": self.kl_topk,
             "bos": self.bos,
+            "staged_windows": self.staged_windows,
+            "calibration_mode": self.calibration_mode,
+            "sensitivity": self.sensitivity,
+            "pin_sensitive": self.pin_sensitive,
             "trust_remote_code": self.trust_remote_code,
         }
 
@@ -74,6 +91,8 @@ class StudySpec:
             space=SearchSpace.from_dict(data["space"], "stored study spec"),
             objectives=tuple(data["objectives"]), budgets=Budgets.from_dict(data["budgets"]),
             sampler=data["sampler"], seed=data["seed"], kl_topk=data.get("kl_topk", 128), bos=data.get("bos", "every"),
+            staged_windows=data.get("staged_windows", 0), calibration_mode=data.get("calibration_mode", "dense"),
+            sensitivity=data.get("sensitivity", False), pin_sensitive=data.get("pin_sensitive", 0),
             trust_remote_code=data.get("trust_remote_code", False),
         )
 
@@ -83,7 +102,7 @@ class StudySpec:
 
         source, split = calibration_source(self.data, self.calib_data)
         return CalibrationSpec(source, split, self.calib_windows.count, self.calib_windows.seq_len,
-                               self.calib_windows.seed, self.bos)
+                               self.calib_windows.seed, self.bos, self.calibration_mode)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

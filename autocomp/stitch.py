@@ -2,9 +2,10 @@
 
 :class:`ModelStitcher` owns one loaded model. It keeps the dense weight of every target it has
 touched, remembers which layer plan each target currently holds, and on :meth:`apply` rewrites only
-the targets whose plan differs, taking compressed weights from a :class:`LayerVariantCache`. Since
-calibration statistics come from the dense model, a stitched model is bit-identical to compressing
-the dense model from scratch with the same plan.
+the targets whose plan differs, taking compressed weights from a :class:`LayerVariantCache` (on disk
+only for calibrated methods, whose variants are expensive; data-free ones recompute in milliseconds).
+Since calibration statistics come from the dense model, a stitched model is bit-identical to
+compressing the dense model from scratch with the same plan and the same dense statistics.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from torch import nn
 from autocomp.cache import LayerVariantCache
 from autocomp.calibration import LayerStats
 from autocomp.compressors import compress_weight
+from autocomp.compressors.registry import compressor_needs_calibration
 from autocomp.errors import PlanError
 from autocomp.plan import DENSE, LayerPlan
 from autocomp.targets import Target, get_module, read_weight, write_weight
+
+
+_UNKNOWN = LayerPlan(method="magnitude", sparsity=0.999999)  # never equal to a real plan: forces a rewrite
 
 
 class ModelStitcher:
@@ -46,7 +51,8 @@ class ModelStitcher:
         stats = self.stats.get(name)
         key = LayerVariantCache.key(self.fingerprint, name, plan, self.stats_digest)
         try:
-            return self.cache.get_or_compute(key, lambda: compress_weight(self.dense_weight(name), plan, stats).weight)
+            return self.cache.get_or_compute(key, lambda: compress_weight(self.dense_weight(name), plan, stats),
+                                             persist=compressor_needs_calibration(plan.method))
         except PlanError as exc:
             raise PlanError(f"layer {name}: {exc}") from None
 
@@ -68,6 +74,15 @@ class ModelStitcher:
             self._current[name] = wanted
             changed += 1
         return changed
+
+    def prepare_external_write(self, names) -> None:
+        """Make the model dense and save the dense weights of ``names``, which the caller is about to
+        overwrite itself (sequential calibration); they are rewritten on the next :meth:`apply`."""
+        self.apply({})
+        for name in names:
+            if name not in self._dense:
+                self._dense[name] = read_weight(get_module(self.model, name)).clone()
+            self._current[name] = _UNKNOWN
 
     @property
     def current(self) -> dict[str, LayerPlan]:

@@ -7,13 +7,19 @@ A compressor is registered with an explicit decorator, never found by walking pa
 
 Two kinds exist. A *pruner* returns a boolean keep-mask of the weight's shape (``[out, in]``);
 a *quantizer* returns a :class:`QuantizedWeight` (dequantized float weight plus its scales and zero
-points). This module imports nothing heavy so that plans can be validated without torch.
+points). A *joint* pruner (SparseGPT) reconstructs the kept weights and quantizes them in the same
+pass: it takes the whole layer plan, ``fn(weight, plan, stats) -> CompressedWeight``.
+
+A method with parameters of its own (GPTQ's ``act_order``, ``damp``) registers an options dataclass;
+a layer plan's ``options`` are checked against it (unknown keys name the allowed ones) and stored
+with every default filled in, so equal plans have equal keys. This module imports nothing heavy so
+that plans can be validated without torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Literal, Mapping
 
 from autocomp.errors import PlanError
 
@@ -27,6 +33,9 @@ class CompressorEntry:
     fn: Callable
     needs_calibration: bool
     prune_group: str  # pruners: "tensor" (rank over the layer) or "row" (per output row); "" for quantizers
+    options: type | None = None   # dataclass of the method's own parameters
+    joint: bool = False           # a pruner that also quantizes in the same pass
+    needs_hessian: bool = False   # needs the input Hessian (X X^T), not only per-feature norms
 
     @property
     def data_free(self) -> bool:
@@ -38,7 +47,8 @@ _REGISTRY: dict[str, CompressorEntry] = {}
 
 
 def register_compressor(name: str, kind: Kind, needs_calibration: bool = False,
-                        prune_group: str = "") -> Callable[[Callable], Callable]:
+                        prune_group: str = "", options: type | None = None,
+                        joint: bool = False, needs_hessian: bool = False) -> Callable[[Callable], Callable]:
     """Register ``fn`` under ``name``. Raises ValueError on a duplicate name (a programming error).
 
     A pruner declares its unstructured comparison group (``"tensor"`` or ``"row"``) so that the
@@ -52,7 +62,8 @@ def register_compressor(name: str, kind: Kind, needs_calibration: bool = False,
     def decorate(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"compressor {name!r} is registered twice")
-        _REGISTRY[name] = CompressorEntry(name, kind, fn, needs_calibration, prune_group)
+        _REGISTRY[name] = CompressorEntry(name, kind, fn, needs_calibration or needs_hessian, prune_group, options, joint,
+                                          needs_hessian)
         return fn
 
     return decorate
@@ -79,8 +90,41 @@ def compressor_kind(name: str) -> Kind:
     return get_compressor(name).kind
 
 
+def compressor_needs_hessian(method: str) -> bool:
+    """True if any part of a (possibly ``a+b``) method needs input Hessians."""
+    if method == "none":
+        return False
+    return any(get_compressor(part).needs_hessian for part in method.split("+"))
+
+
 def compressor_needs_calibration(method: str) -> bool:
     """True if any part of a (possibly ``a+b``) method needs calibration statistics."""
     if method == "none":
         return False
     return any(get_compressor(part).needs_calibration for part in method.split("+"))
+
+
+def canonical_options(method: str, given: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """Validate ``given`` against the options of every part of ``method``; return them with defaults
+    filled in, as sorted ``(key, value)`` pairs. Raises PlanError naming unknown keys or bad values."""
+    given = dict(given or {})
+    if method == "none":
+        if given:
+            raise PlanError(f"method 'none' takes no options, got {sorted(given)}")
+        return ()
+    merged: dict[str, Any] = {}
+    allowed: list[str] = []
+    for part in method.split("+"):
+        cls = get_compressor(part).options
+        if cls is None:
+            continue
+        names = [f.name for f in fields(cls)]
+        allowed.extend(names)
+        try:
+            merged.update(asdict(cls(**{k: v for k, v in given.items() if k in names})))
+        except TypeError as exc:
+            raise PlanError(f"options of {part!r}: {exc}") from None
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise PlanError(f"method {method!r} has no option(s) {unknown}; allowed: {sorted(allowed) or 'none'}")
+    return tuple(sorted(merged.items()))

@@ -45,6 +45,30 @@ def n_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // gs)
 
 
+def group_params(wg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16-rounded, as float32) and zero point of each group; ``wg`` is ``[..., group]``."""
+    maxq = 2 ** bits - 1
+    wmin = wg.amin(dim=-1).clamp(max=0.0)
+    wmax = wg.amax(dim=-1).clamp(min=0.0)
+    if symmetric:
+        absmax = torch.maximum(wmin.abs(), wmax)
+        scale = 2.0 * absmax / maxq
+    else:
+        scale = (wmax - wmin) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=_MIN_SCALE)
+    scale = scale.to(torch.float16).to(torch.float32)
+    if symmetric:
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as float) of ``w`` under broadcastable ``scale`` / ``zero``."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+
+
 def group_quantize_weight(
     weight: torch.Tensor,
     bits: int,
@@ -61,20 +85,8 @@ def group_quantize_weight(
     ng = -(-in_f // gs)
     pad = ng * gs - in_f
     wg = torch.nn.functional.pad(w, (0, pad)).reshape(out_f, ng, gs)  # zero padding never widens the range
-    maxq = 2 ** bits - 1
-    wmin = wg.amin(dim=2).clamp(max=0.0)
-    wmax = wg.amax(dim=2).clamp(min=0.0)
-    if symmetric:
-        absmax = torch.maximum(wmin.abs(), wmax)
-        scale = 2.0 * absmax / maxq
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
-    else:
-        scale = (wmax - wmin) / maxq
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=_MIN_SCALE)
-    scale = scale.to(torch.float16).to(torch.float32)
-    if not symmetric:
-        zero = torch.round(-wmin / scale).clamp(0, maxq)
-    q = torch.clamp(torch.round(wg / scale.unsqueeze(2)) + zero.unsqueeze(2), 0, maxq)
+    scale, zero = group_params(wg, bits, symmetric)
+    q = quantize_codes(wg, scale.unsqueeze(2), zero.unsqueeze(2), bits)
     deq = ((q - zero.unsqueeze(2)) * scale.unsqueeze(2)).reshape(out_f, ng * gs)[:, :in_f]
     codes = q.reshape(out_f, ng * gs)[:, :in_f].to(torch.uint8)
     if mask is not None:

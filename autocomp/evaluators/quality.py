@@ -36,6 +36,9 @@ class DenseReference:
     def perplexity(self) -> float:
         return math.exp(float(self.nll.sum() / self.tokens.sum()))
 
+    def subset(self, rows: slice) -> "DenseReference":
+        return DenseReference(self.topk_logprobs[rows], self.topk_indices[rows], self.nll[rows], self.tokens[rows])
+
 
 @dataclass
 class WindowScores:
@@ -51,6 +54,12 @@ class WindowScores:
     @property
     def mean_kl(self) -> float | None:
         return None if self.kl is None else float(self.kl.sum() / self.tokens.sum())
+
+    @staticmethod
+    def concat(parts: "list[WindowScores]") -> "WindowScores":
+        kls = [p.kl for p in parts]
+        return WindowScores(torch.cat([p.nll for p in parts]), torch.cat([p.tokens for p in parts]),
+                            None if any(k is None for k in kls) else torch.cat(kls))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,14 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from autocomp.cache import LayerVariantCache
 from autocomp.calibration import collect_input_stats, stats_digest
 from autocomp.data import Windows, eval_source, text_windows
-from autocomp.evaluators.quality import DenseReference, score_windows
+from autocomp.evaluators.quality import DenseReference, WindowScores, score_windows
 from autocomp.evaluators.size import model_size
 from autocomp.models import LoadedModel, cache_root, load_model
 from autocomp.objectives import ppl_increase_pct
@@ -29,6 +29,9 @@ from autocomp.plan import LayerPlan, summarize
 from autocomp.spec import StudySpec
 from autocomp.stitch import ModelStitcher
 from autocomp.targets import Target, find_targets
+
+if TYPE_CHECKING:
+    from autocomp.study.staged import Screen
 
 
 def _reference_path(fingerprint: str, windows: Windows, k: int) -> Path:
@@ -61,7 +64,8 @@ class DenseMetrics:
 class TrialEvaluator:
     """Everything needed to score a plan; holds the model in memory between trials."""
 
-    def __init__(self, spec: StudySpec, loaded: LoadedModel | None = None, cache_bytes: int = 2 << 30) -> None:
+    def __init__(self, spec: StudySpec, loaded: LoadedModel | None = None, cache_bytes: int = 2 << 30,
+                 cache_dir: str | Path | None = None) -> None:
         self.spec = spec
         self.loaded = loaded or load_model(spec.model, trust_remote_code=spec.trust_remote_code)
         model = self.loaded.model
@@ -70,24 +74,40 @@ class TrialEvaluator:
         tok = self.loaded.tokenizer
         source, split = eval_source(spec.data, spec.calib_data)
         self.eval_windows = text_windows(tok, source, split, spec.eval_windows, random=False, bos=spec.bos)
-        self.stats, self.stats_digest = {}, None
+        self.stats, self.stats_digest, self.calib_windows = {}, None, None
+        self.sequential = spec.calibration_mode == "sequential"
         if self._space_needs_calibration():
             calib = spec.calibration()
             self.calib_windows = text_windows(tok, calib.data, calib.split, spec.calib_windows, random=True, bos=calib.bos)
-            self.stats = collect_input_stats(model, self.targets, self.calib_windows.input_ids)
-            self.stats_digest = stats_digest(self.calib_windows.input_ids, self.loaded.fingerprint)
+            if not self.sequential or spec.sensitivity:  # dense statistics, once (sequential: per plan)
+                self.stats = collect_input_stats(model, self.targets, self.calib_windows.input_ids,
+                                                 hessian=self._space_needs_hessian())
+                self.stats_digest = stats_digest(self.calib_windows.input_ids, self.loaded.fingerprint)
         self.stitcher = ModelStitcher(model, self.all_targets, self.loaded.fingerprint, self.stats,
-                                      self.stats_digest, LayerVariantCache(cache_bytes))
+                                      self.stats_digest, LayerVariantCache(cache_bytes, cache_dir))
         self.reference = dense_reference(model, self.loaded.fingerprint, self.eval_windows, spec.kl_topk)
         dense_size = model_size(model, self.all_targets, {})
         self.dense = DenseMetrics(self.reference.perplexity, dense_size.size_mb, dense_size.total_bytes)
         self._numels = {t.name: t.numel for t in self.targets}
 
-    def _space_needs_calibration(self) -> bool:
-        from autocomp.compressors.registry import get_compressor
+    def _space_methods(self) -> list[str]:
+        space = self.spec.space
+        methods = []
+        if any(isinstance(lv, str) or lv > 0 for lv in space.levels):
+            methods += list(space.prune_methods)
+        if any(b < 16 for b in space.bits):
+            methods += list(space.quant_methods)
+        return methods
 
-        sparse = any(isinstance(lv, str) or lv > 0 for lv in self.spec.space.levels)
-        return sparse and any(get_compressor(m).needs_calibration for m in self.spec.space.prune_methods)
+    def _space_needs_calibration(self) -> bool:
+        from autocomp.compressors.registry import compressor_needs_calibration
+
+        return any(compressor_needs_calibration(m) for m in self._space_methods())
+
+    def _space_needs_hessian(self) -> bool:
+        from autocomp.compressors.registry import compressor_needs_hessian
+
+        return any(compressor_needs_hessian(m) for m in self._space_methods())
 
     def min_size_mb(self) -> float:
         """The smallest size any configuration of the space can reach (sizes add up per layer)."""
@@ -107,13 +127,39 @@ class TrialEvaluator:
             best[t.name] = min(candidates, key=lambda lp: layer_size(t.out_features, t.in_features, lp).bytes)
         return model_size(self.loaded.model, self.all_targets, best).size_mb
 
-    def evaluate(self, plan: Mapping[str, LayerPlan]) -> dict[str, float]:
-        """Stitch ``plan`` into the model and return its metrics."""
+    def evaluate(self, plan: Mapping[str, LayerPlan], screen: "Screen | None" = None) -> dict[str, float]:
+        """Stitch ``plan`` into the model and return its metrics.
+
+        With a ``screen`` (staged evaluation) the size is checked first, then the first
+        ``screen.config.windows`` windows are scored and checked, and only then the rest; the screen
+        raises :class:`~autocomp.study.staged.TrialPruned` to stop the candidate.
+        """
+        from autocomp.study.staged import estimate
+
         t0 = time.perf_counter()
-        self.stitcher.apply(plan)
+        if self.sequential and self.calib_windows is not None:
+            from autocomp.sequential import compress_sequential
+
+            changed = [n for n, lp in plan.items() if not lp.is_dense]
+            self.stitcher.prepare_external_write(changed)
+            compress_sequential(self.loaded.model, self.all_targets, plan, self.calib_windows.input_ids,
+                                hessian=self._space_needs_hessian())
+        else:
+            self.stitcher.apply(plan)
         t1 = time.perf_counter()
         size = model_size(self.loaded.model, self.all_targets, plan)
-        scores, _ = score_windows(self.loaded.model, self.eval_windows.input_ids, reference=self.reference)
+        ids, ref = self.eval_windows.input_ids, self.reference
+        k = screen.config.windows if screen is not None else 0
+        if screen is not None:
+            screen.after_size(size.size_mb)
+        if screen is not None and 2 <= k < ids.shape[0]:
+            first, _ = score_windows(self.loaded.model, ids[:k], reference=ref.subset(slice(0, k)))
+            est = estimate(first.nll, first.tokens, first.kl, ref.nll[:k], self.dense.perplexity)
+            screen.after_stage1(est, size.size_mb)
+            rest, _ = score_windows(self.loaded.model, ids[k:], reference=ref.subset(slice(k, None)))
+            scores = WindowScores.concat([first, rest])
+        else:
+            scores, _ = score_windows(self.loaded.model, ids, reference=ref)
         t2 = time.perf_counter()
         searched = {n: plan.get(n, LayerPlan()) for n in self._numels}
         summary = summarize(searched, self._numels)

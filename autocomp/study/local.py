@@ -5,7 +5,8 @@ Resume is running the same command again:
 * the study's spec hash must equal the new one (else :class:`StudyError` with the differences);
 * trials left ``RUNNING`` by a process of this host that no longer exists (killed, crashed) are marked
   failed with that reason and their parameters re-enqueued, at most ``MAX_RETRIES`` times each;
-* only the missing trials run: the target is ``n_trials`` *completed* trials;
+* only the missing trials run: the target is ``n_trials`` *finished* trials (completed, or stopped
+  early by staged evaluation, see :mod:`autocomp.study.staged`);
 * a finished study returns at once without loading the model.
 
 A trial that raises (a layer that cannot take its plan, out of memory, NaN) is recorded as failed
@@ -29,6 +30,7 @@ from autocomp.errors import AutocompError, BudgetError, StudyError
 from autocomp.objectives import objective_values
 from autocomp.plan import CompressionPlan
 from autocomp.spec import StudySpec, spec_differences
+from autocomp.study.staged import Screen, StagedConfig, TrialPruned
 from autocomp.study.storage import open_storage
 
 MAX_RETRIES = 2
@@ -37,14 +39,17 @@ SPEC_ATTR = "autocomp_spec"
 HASH_ATTR = "autocomp_spec_hash"
 DENSE_ATTR = "autocomp_dense"
 BASELINES_ATTR = "autocomp_baselines_enqueued"
+SENSITIVITY_ATTR = "autocomp_sensitivity"
+PINNED_ATTR = "autocomp_pinned"
 
 
 @dataclass
 class SearchOutcome:
     study_name: str
-    completed: int
+    completed: int      # finished trials in the study: completed + stopped early
     ran: int
     failed: int
+    pruned: int = 0     # stopped by staged evaluation in this run
 
 
 def _optuna():
@@ -115,8 +120,20 @@ def recover_dead_trials(study) -> int:
 
 
 def count_completed(study) -> int:
+    """Finished trials: completed, plus those stopped by staged evaluation (they were evaluated)."""
     optuna = _optuna()
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def feasible_metrics(study, spec: StudySpec, dense_ppl: float) -> list[dict[str, float]]:
+    optuna = _optuna()
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        m = t.user_attrs.get("metrics")
+        if m and spec.budgets.feasible(m, dense_ppl):
+            out.append(m)
+    return out
 
 
 def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
@@ -161,12 +178,11 @@ def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
     study.set_user_attr(DENSE_ATTR, {"perplexity": evaluator.dense.perplexity, "size_mb": evaluator.dense.size_mb,
                                      "size_bytes": evaluator.dense.size_bytes})
     if not study.user_attrs.get(BASELINES_ATTR):
-        for params in spec.space.baseline_params(evaluator.targets)[:n_trials]:
-            study.enqueue_trial(params, user_attrs={"baseline": True})
-        study.set_user_attr(BASELINES_ATTR, True)
+        _enqueue_initial(study, spec, evaluator, n_trials, echo)
+    pinned = study.user_attrs.get(PINNED_ATTR, {})
 
     done = count_completed(study)
-    ran = failed = consecutive = 0
+    ran = failed = consecutive = pruned = 0
     bar = _progress_bar(progress, n_trials, done)
     best: tuple[float, float] | None = None
     try:
@@ -174,8 +190,23 @@ def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
             trial = study.ask()
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
+            screen = None
+            if spec.staged_windows and not trial.user_attrs.get("baseline"):  # baselines always get the full budget
+                screen = Screen(StagedConfig(spec.staged_windows), spec.budgets, evaluator.dense.perplexity,
+                                spec.objectives, feasible_metrics(study, spec, evaluator.dense.perplexity))
             try:
-                values, metrics = _run_trial(trial, spec, evaluator)
+                values, metrics = _run_trial(trial, spec, evaluator, screen, pinned)
+            except TrialPruned as stop:
+                trial.set_user_attr("pruned_reason", stop.reason)
+                trial.set_user_attr("partial_metrics", stop.partial)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                consecutive = 0
+                ran += 1
+                done += 1
+                pruned += 1
+                if bar is not None:
+                    bar.update(1)
+                continue
             except KeyboardInterrupt:
                 trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -210,19 +241,51 @@ def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
     finally:
         if bar is not None:
             bar.close()
-    return SearchOutcome(study_name, done, ran, failed)
+    return SearchOutcome(study_name, done, ran, failed, pruned)
 
 
-def _run_trial(trial, spec: StudySpec, evaluator) -> tuple[list[float], dict[str, float]]:
+def _enqueue_initial(study, spec: StudySpec, evaluator, n_trials: int, echo: Callable[[str], None]) -> None:
+    """First run of a study: the sensitivity pass (if asked), the uniform baselines, the seeded allocations."""
+    from autocomp.study.sensitivity import choice_label, pinned_groups, seeded_params, sensitivity_table
+
+    pinned: dict[str, dict[str, Any]] = {}
+    table = None
+    if spec.sensitivity:
+        echo("sensitivity pass: error of every group at every choice ...")
+        table = sensitivity_table(spec.space, evaluator.targets, evaluator.stitcher)
+        pinned = pinned_groups(table, spec.pin_sensitive)
+        study.set_user_attr(SENSITIVITY_ATTR, table)
+        study.set_user_attr(PINNED_ATTR, pinned)
+    baselines = spec.space.baseline_params(evaluator.targets, pinned)
+    for params in baselines[:n_trials]:
+        study.enqueue_trial(params, user_attrs={"baseline": True})
+    if table is not None:
+        groups = list(spec.space.groups(evaluator.targets))
+        dims = [d for d, _ in spec.space._dimensions()]
+        compressing, sizes = [], []
+        for params in baselines:
+            values = {g: {d: params[f"{g}:{d}"] for d in dims} for g in groups}
+            total = sum(table[g][choice_label(values[g])]["bytes"] for g in groups)
+            dense_total = sum(max(r["bytes"] for r in table[g].values()) for g in groups)
+            if total < dense_total:
+                compressing.append(params)
+                sizes.append(total)
+        seeded = seeded_params(spec.space, evaluator.targets, table, compressing, sizes, pinned)
+        for params in seeded[: max(0, n_trials - len(baselines))]:
+            study.enqueue_trial(params, user_attrs={"seeded": "sensitivity"})
+    study.set_user_attr(BASELINES_ATTR, True)
+
+
+def _run_trial(trial, spec: StudySpec, evaluator, screen=None, pinned=None) -> tuple[list[float], dict[str, float]]:
     start = time.perf_counter()
-    per_layer = spec.space.suggest(trial, evaluator.targets)
+    per_layer = spec.space.suggest(trial, evaluator.targets, pinned)
     plan = CompressionPlan.explicit(per_layer, calibration=spec.calibration() if evaluator.stats else None,
                                     embeddings=any(not t.in_blocks for t in evaluator.targets))
     trial.set_user_attr("plan", plan.to_dict())
-    uniform = spec.space.describe_uniform(trial.params)
+    uniform = spec.space.describe_uniform(trial.params, list(pinned or {}))
     if uniform:
         trial.set_user_attr("uniform", uniform)
-    metrics = evaluator.evaluate(per_layer)
+    metrics = evaluator.evaluate(per_layer, screen) if screen is not None else evaluator.evaluate(per_layer)
     metrics["seconds"] = time.perf_counter() - start
     if not math.isfinite(metrics["perplexity"]):
         trial.set_user_attr("note", "perplexity overflowed: the compressed model is broken")

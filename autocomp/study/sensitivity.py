@@ -1,0 +1,123 @@
+"""Sensitivity pass: per-group error at every choice of the space, used to seed and pin.
+
+For each group of the space (granularity) and each choice (sparsity level x bits x methods), the
+relative output error of its layers is measured on calibration statistics without any forward pass:
+
+    e = sum_layers tr(dW H dW^T) / sum_layers tr(W H W^T)          (H = 2 X X^T / n, the input Hessian)
+
+falling back to the diagonal ``sum_j dW_ij^2 * ||X_j||^2`` when only per-feature norms were collected,
+and to ``||dW||^2 / ||W||^2`` for a data-free space. Compressed variants go through the stitcher's
+cache, so the trials that follow reuse them.
+
+The table is stored with the study. It is used to
+
+* **seed**: after the uniform baselines, for each uniform configuration that compresses, enqueue the
+  allocation of the same size that minimises the summed error (greedy multiple-choice knapsack:
+  start every group at its smallest choice, then repeatedly take the upgrade with the largest error
+  reduction per extra byte that still fits), as OWL / EvoPress do for non-uniform allocation;
+* **pin** (``pin_sensitive = K``): the K groups with the largest error at their cheapest choice are
+  fixed to their most accurate choice for the whole study.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import torch
+
+from autocomp.evaluators.size import layer_size
+from autocomp.space import SearchSpace
+from autocomp.targets import Target
+
+
+def choice_label(values: Mapping[str, Any]) -> str:
+    return json.dumps(dict(sorted(values.items())), sort_keys=True)
+
+
+def _error(delta: torch.Tensor, weight: torch.Tensor, stats) -> tuple[float, float]:
+    hessian = getattr(stats, "hessian", None) if stats is not None else None
+    if hessian is not None:
+        h = hessian.to(torch.float32)
+        return float(((delta @ h) * delta).sum()), float(((weight @ h) * weight).sum())
+    sq = getattr(stats, "input_sq_norm", None) if stats is not None else None
+    if sq is not None:
+        d = sq.to(torch.float32).unsqueeze(0)
+        return float((delta.pow(2) * d).sum()), float((weight.pow(2) * d).sum())
+    return float(delta.pow(2).sum()), float(weight.pow(2).sum())
+
+
+def sensitivity_table(space: SearchSpace, targets: list[Target], stitcher) -> dict[str, dict[str, dict[str, float]]]:
+    """``{group: {choice label: {"error": e, "bytes": b}}}`` for every group and choice."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for group, members in space.groups(targets).items():
+        data_free = any(t.stats_module is None for t in members)
+        rows: dict[str, dict[str, float]] = {}
+        for values in space.group_choices():
+            plan = space.layer_plan(values, data_free_only=data_free)
+            num = den = 0.0
+            size = 0
+            for t in members:
+                dense = stitcher.dense_weight(t.name).to(torch.float32)
+                compressed = dense if plan.is_dense else stitcher.variant(t.name, plan).to(torch.float32)
+                n, d = _error(compressed - dense, dense, stitcher.stats.get(t.name))
+                num, den = num + n, den + d
+                size += layer_size(t.out_features, t.in_features, plan).bytes
+            rows[choice_label(values)] = {"error": num / den if den > 0 else 0.0, "bytes": float(size)}
+        table[group] = rows
+    return table
+
+
+def allocate(table: Mapping[str, Mapping[str, Mapping[str, float]]], budget_bytes: float) -> dict[str, str]:
+    """Choice label per group minimising summed error with summed bytes <= budget (greedy knapsack)."""
+    current = {g: min(rows, key=lambda c: (rows[c]["bytes"], rows[c]["error"])) for g, rows in table.items()}
+    used = sum(table[g][c]["bytes"] for g, c in current.items())
+    while True:
+        best = None
+        for g, rows in table.items():
+            cur = rows[current[g]]
+            for c, row in rows.items():
+                extra = row["bytes"] - cur["bytes"]
+                gain = cur["error"] - row["error"]
+                if extra <= 0 or gain <= 0 or used + extra > budget_bytes:
+                    continue
+                ratio = gain / extra
+                if best is None or ratio > best[0]:
+                    best = (ratio, g, c, extra)
+        if best is None:
+            return current
+        _, g, c, extra = best
+        current[g] = c
+        used += extra
+
+
+def pinned_groups(table: Mapping[str, Mapping[str, Mapping[str, float]]], k: int) -> dict[str, dict[str, Any]]:
+    """The ``k`` groups most hurt at their cheapest choice, each pinned to its most accurate choice."""
+    if k <= 0:
+        return {}
+
+    def worst(rows) -> float:
+        cheapest = min(rows.values(), key=lambda r: (r["bytes"], r["error"]))
+        return cheapest["error"]
+
+    ranked = sorted(table, key=lambda g: worst(table[g]), reverse=True)[:k]
+    return {g: json.loads(min(table[g], key=lambda c: (table[g][c]["error"], -table[g][c]["bytes"]))) for g in ranked}
+
+
+def seeded_params(space: SearchSpace, targets: list[Target], table, baselines: list[dict[str, Any]],
+                  uniform_bytes: list[float], pinned: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One sensitivity-guided allocation per compressing uniform baseline, at that baseline's size."""
+    out = []
+    free = {g: rows for g, rows in table.items() if g not in pinned}
+    pinned_bytes = sum(table[g][choice_label(v)]["bytes"] for g, v in pinned.items())
+    groups = space.groups(targets)
+    for params, total in zip(baselines, uniform_bytes):
+        chosen = allocate(free, total - pinned_bytes)
+        candidate = {}
+        for g in groups:
+            values = pinned[g] if g in pinned else json.loads(chosen[g])
+            for dim, value in values.items():
+                candidate[f"{g}:{dim}"] = value
+        if candidate != params and candidate not in out:
+            out.append(candidate)
+    return out

@@ -1,0 +1,321 @@
+"""Studies: resume, a worker killed mid-trial, failing trials, the TPE sampler, and the Python API
+against the command line, on tiny random models with the storage under a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+RUNNING = optuna.trial.TrialState.RUNNING
+FAIL = optuna.trial.TrialState.FAIL
+SMALL = ["--eval-windows", "4", "--eval-seq-len", "64", "--calib-windows", "4", "--calib-seq-len", "64", "--no-progress"]
+KILL_TIMEOUT_S = 120
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def cli_env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["AUTOCOMP_CACHE"] = str(cache)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    return env
+
+
+def cli_command() -> list[str]:
+    script = Path(sys.executable).parent / "autocomp"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "autocomp.cli"]
+
+
+def run_cli(args: list, cwd: Path, cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command() + [str(a) for a in args], cwd=cwd, env=cli_env(cache),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def storage_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    # a reader sharing the SQLite file with a writing search waits for its locks
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=True)
+
+
+def count(trials, state) -> int:
+    return sum(1 for t in trials if t.state == state)
+
+
+def search_args(model, url: str, name: str, trials: int, *extra) -> list:
+    return ["search", "--model", model, "--space", "bits", "--trials", trials, *SMALL,
+            "--storage", url, "--study-name", name, *extra]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    # the same folder the autouse fixture of conftest.py points AUTOCOMP_CACHE at
+    return tmp_path_factory.getbasetemp() / "autocomp-cache"
+
+
+# ---- (a) resume ----------------------------------------------------------------------------------
+
+def test_resume_runs_only_the_missing_trials(tiny_models, tmp_path, cache_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    url = storage_url(tmp_path / "study.db")
+
+    first = run_cli(search_args(model, url, "resume", 6), tmp_path, cache_dir)
+    assert_ok(first)
+    trials = trials_of(url, "resume")
+    assert [t.state for t in trials] == [COMPLETE] * 6
+    before = {t.number: (t.values, t.params, t.datetime_complete) for t in trials}
+
+    more = run_cli(search_args(model, url, "resume", 10), tmp_path, cache_dir)
+    assert_ok(more)
+    assert "10 completed trials (4 run now" in more.stderr, more.stderr
+    trials = trials_of(url, "resume")
+    assert [t.state for t in trials] == [COMPLETE] * 10
+    assert {t.number: (t.values, t.params, t.datetime_complete) for t in trials if t.number < 6} == before
+    assert all(t.datetime_start >= max(d for _, _, d in before.values()) for t in trials if t.number >= 6)
+    after = [(t.number, t.state, t.values, t.params) for t in trials]
+
+    # a finished study: nothing runs and the model is not even loaded (its weights are gone now)
+    weights = list(model.glob("*.safetensors"))
+    assert weights
+    for f in weights:
+        f.unlink()
+    for n in (10,):
+        again = run_cli(search_args(model, url, "resume", n), tmp_path, cache_dir)
+        assert_ok(again)
+        out = again.stdout + again.stderr
+        assert "nothing to run" in out, out
+        assert "already has 10 completed trials" in out, out
+        assert "Loading weights" not in out
+        assert [(t.number, t.state, t.values, t.params) for t in trials_of(url, "resume")] == after
+
+
+# ---- (b) a worker killed mid-trial ---------------------------------------------------------------
+
+def test_sigkill_mid_trial_then_resume(tiny_models, tmp_path, cache_dir):
+    n_trials = 6
+    url = storage_url(tmp_path / "study.db")
+    args = ["search", "--model", tiny_models["llama"], "--space", "bits", "--trials", n_trials,
+            "--eval-windows", "16", "--eval-seq-len", "128", "--calib-windows", "4", "--calib-seq-len", "64",
+            "--no-progress", "--storage", url, "--study-name", "kill"]
+    storage = open_storage(url)   # create the schema now, so the poller never races the worker on it
+    log = tmp_path / "first-run.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cli_command() + [str(a) for a in args], cwd=tmp_path, env=cli_env(cache_dir),
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        study = None
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the search ended (exit {proc.returncode}) before it was seen mid-trial:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no state with 2 completed trials and 1 running within {KILL_TIMEOUT_S} s:\n{log.read_text()}")
+            if study is None:
+                try:
+                    study = optuna.load_study(study_name="kill", storage=storage)
+                except KeyError:
+                    study = None
+            if study is not None:
+                trials = study.get_trials(deepcopy=False)
+                running = [t for t in trials if t.state == RUNNING and t.user_attrs.get("pid") == proc.pid]
+                if count(trials, COMPLETE) >= 2 and running:
+                    proc.kill()   # SIGKILL: no handler runs, the trial stays RUNNING in the storage
+                    break
+            time.sleep(0.05)
+        proc.wait(timeout=60)     # reap it, so that its pid is really gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    assert proc.returncode == -9
+
+    at_kill = trials_of(url, "kill")
+    done_before = {t.number: t.values for t in at_kill if t.state == COMPLETE}
+    killed = [t for t in at_kill if t.state == RUNNING]
+    assert len(done_before) >= 2
+    assert len(killed) == 1, [(t.number, t.state, t.user_attrs) for t in at_kill]
+    killed = killed[0]
+    assert killed.user_attrs["pid"] == proc.pid
+    assert len(done_before) < n_trials
+
+    again = run_cli(args, tmp_path, cache_dir)
+    assert_ok(again)
+
+    final = {t.number: t for t in trials_of(url, "kill")}
+    for number, values in done_before.items():
+        assert final[number].state == COMPLETE and final[number].values == values, number
+    dead = final[killed.number]
+    assert dead.state == FAIL
+    reason = dead.user_attrs["fail_reason"]
+    assert "died" in reason and str(proc.pid) in reason, reason
+    retries = [t for t in final.values() if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retries) == 1, [(t.number, t.user_attrs) for t in final.values()]
+    retry = retries[0]
+    assert retry.number > killed.number
+    assert retry.params == killed.params
+    assert retry.state == COMPLETE
+    assert retry.user_attrs["retries"] == 1
+    assert count(final.values(), COMPLETE) == n_trials
+    assert count(final.values(), FAIL) == 1
+    assert count(final.values(), RUNNING) == 0
+    assert len(final) == n_trials + 1
+
+
+# ---- (c) a trial that raises ---------------------------------------------------------------------
+
+def _spec(model, budgets=None, sampler="nsga2"):
+    from autocomp.data import WindowSpec
+    from autocomp.objectives import Budgets
+    from autocomp.space import SearchSpace
+    from autocomp.spec import StudySpec
+
+    return StudySpec(model=str(model), space=SearchSpace.load("bits"), eval_windows=WindowSpec(4, 64),
+                     calib_windows=WindowSpec(4, 64, 0), budgets=budgets or Budgets(), sampler=sampler)
+
+
+class FlakyEvaluator:
+    """A real TrialEvaluator whose ``evaluate`` raises on chosen calls (1-based)."""
+
+    def __init__(self, spec, fail_calls):
+        from autocomp.study.evaluate import TrialEvaluator
+
+        self._inner = TrialEvaluator(spec)
+        self._fail_calls = fail_calls
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def evaluate(self, plan, *args, **kwargs):
+        self.calls += 1
+        if self._fail_calls(self.calls):
+            raise RuntimeError(f"injected failure in evaluation call {self.calls}")
+        return self._inner.evaluate(plan, *args, **kwargs)
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_models, tmp_path):
+    from autocomp.study.local import run_local
+
+    url = storage_url(tmp_path / "study.db")
+    spec = _spec(tiny_models["llama"])
+    made = []
+
+    def factory(s):
+        made.append(FlakyEvaluator(s, lambda call: call == 3))
+        return made[-1]
+
+    outcome = run_local(spec, url, "flaky", 5, progress=False, evaluator_factory=factory, echo=lambda msg: None)
+    assert (outcome.completed, outcome.ran, outcome.failed) == (5, 5, 1)
+    assert len(made) == 1 and made[0].calls == 6
+
+    trials = trials_of(url, "flaky")
+    assert [t.state for t in trials] == [COMPLETE, COMPLETE, FAIL, COMPLETE, COMPLETE, COMPLETE]
+    bad = trials[2]
+    assert bad.user_attrs["fail_reason"] == "RuntimeError: injected failure in evaluation call 3"
+    assert "Traceback" in bad.user_attrs["traceback"]
+    assert "injected failure in evaluation call 3" in bad.user_attrs["traceback"]
+    assert bad.user_attrs["plan"]["layers"]          # the plan that failed is kept with it
+    assert "metrics" not in bad.user_attrs
+    assert all("metrics" in t.user_attrs for t in trials if t.state == COMPLETE)
+
+
+def test_consecutive_failures_stop_the_study_and_keep_it(tiny_models, tmp_path):
+    from autocomp.errors import StudyError
+    from autocomp.study.local import MAX_CONSECUTIVE_FAILURES, run_local
+
+    url = storage_url(tmp_path / "study.db")
+    spec = _spec(tiny_models["llama"])
+    with pytest.raises(StudyError, match="failed in a row"):
+        run_local(spec, url, "broken", 3, progress=False, echo=lambda msg: None,
+                  evaluator_factory=lambda s: FlakyEvaluator(s, lambda call: True))
+    trials = trials_of(url, "broken")
+    assert [t.state for t in trials] == [FAIL] * MAX_CONSECUTIVE_FAILURES
+
+    # fixed: the same study resumes and completes
+    outcome = run_local(spec, url, "broken", 3, progress=False, echo=lambda msg: None,
+                        evaluator_factory=lambda s: FlakyEvaluator(s, lambda call: False))
+    assert (outcome.completed, outcome.ran, outcome.failed) == (3, 3, 0)
+    trials = trials_of(url, "broken")
+    assert count(trials, COMPLETE) == 3 and count(trials, FAIL) == MAX_CONSECUTIVE_FAILURES
+
+
+# ---- (d) TPE and (e) the Python API against the CLI ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tpe_study(tiny_models, tmp_path_factory, cache_dir):
+    folder = tmp_path_factory.mktemp("tpe")
+    url = storage_url(folder / "study.db")
+    model = str(tiny_models["llama"])
+    # TPE samples randomly for its first 10 trials (6 of them the uniform baselines) and from its model after
+    proc = run_cli(search_args(model, url, "tpe", 12, "--sampler", "tpe", "--max-ppl-increase", "0.1"), folder, cache_dir)
+    assert_ok(proc)
+    return folder, url, model, cache_dir
+
+
+def test_tpe_sampler_runs(tpe_study):
+    _, url, _, _ = tpe_study
+    trials = trials_of(url, "tpe")
+    assert [t.state for t in trials] == [COMPLETE] * 12
+    study = optuna.load_study(study_name="tpe", storage=open_storage(url))
+    assert study.user_attrs["autocomp_spec"]["sampler"] == "tpe"
+    assert [bool(t.user_attrs.get("baseline")) for t in trials] == [True] * 6 + [False] * 6
+    bits = {v for t in trials for k, v in t.params.items() if k.endswith(":bits")}
+    assert bits <= {3, 4, 5, 6, 8, 16} and len(bits) > 1
+
+
+def test_python_api_matches_the_cli(tpe_study, tmp_path):
+    import autocomp
+    from autocomp.objectives import Budgets
+
+    folder, url, model, cache = tpe_study
+    spec = _spec(model, Budgets(max_ppl_increase_pct=0.1), sampler="tpe")
+    # the API builds the same spec as the CLI did (same hash): it resumes the study, running 1 more trial
+    outcome = autocomp.search(spec, 13, storage=url, study_name="tpe", progress=False)
+    assert (outcome.completed, outcome.ran, outcome.failed) == (13, 1, 0)
+    assert count(trials_of(url, "tpe"), COMPLETE) == 13
+
+    def cli_json(*args):
+        proc = run_cli([*args, "--storage", url, "--study-name", "tpe", "--json"], folder, cache)
+        assert_ok(proc)
+        return json.loads(proc.stdout)
+
+    def as_json(obj):
+        return json.loads(json.dumps(obj))
+
+    front = autocomp.pareto(url, "tpe")
+    assert front
+    assert as_json([r.to_dict() for r in front]) == cli_json("pareto")
+    best = autocomp.recommend(url, "tpe")
+    assert best is not None and best.trial in {r.trial for r in front}
+    assert as_json(best.to_dict()) == cli_json("recommend")
+
+    # under other budgets, too
+    sizes = sorted(r.metrics["size_mb"] for r in autocomp.pareto(url, "tpe", Budgets()))
+    bound = (sizes[0] + sizes[-1]) / 2
+    budgets = Budgets(max_size_mb=bound)
+    front2 = autocomp.pareto(url, "tpe", budgets)
+    assert front2 and all(r.metrics["size_mb"] <= bound for r in front2)
+    assert as_json([r.to_dict() for r in front2]) == cli_json("pareto", "--max-size-mb", bound)
+    assert as_json(autocomp.recommend(url, "tpe", budgets).to_dict()) == cli_json("recommend", "--max-size-mb", bound)
