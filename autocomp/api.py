@@ -17,8 +17,8 @@ from typing import Any
 
 from autocomp.errors import PlanError
 from autocomp.objectives import Budgets
-from autocomp.pareto import TrialRecord, find_trial, load_records, pareto_front
-from autocomp.pareto import recommend as _recommend
+from autocomp.front import TrialRecord, find_trial, load_records, pareto_front
+from autocomp.front import recommend as _recommend
 from autocomp.plan import CompressionPlan
 from autocomp.spec import StudySpec
 from autocomp.study.local import SearchOutcome, run_local
@@ -31,7 +31,8 @@ def default_study_name(spec: StudySpec) -> str:
 
 
 def search(spec: StudySpec, trials: int, storage: str | None = None, study_name: str | None = None,
-           progress: bool = True, cache_bytes: int = 2 << 30, cache_dir: str | Path | None = None) -> SearchOutcome:
+           progress: bool = True, cache_bytes: int = 2 << 30, cache_dir: str | Path | None = None,
+           echo=print) -> SearchOutcome:
     """Run or resume a study until it holds ``trials`` finished trials.
 
     ``cache_dir``: folder for calibrated layer variants (default ``$AUTOCOMP_CACHE/variants``;
@@ -47,7 +48,7 @@ def search(spec: StudySpec, trials: int, storage: str | None = None, study_name:
     from autocomp.models import cache_root
 
     directory = None if str(cache_dir) == "none" else Path(cache_dir) if cache_dir else cache_root() / "variants"
-    return run_local(spec, storage, study_name, trials, progress=progress,
+    return run_local(spec, storage, study_name, trials, progress=progress, echo=echo,
                      evaluator_factory=lambda s: TrialEvaluator(s, cache_bytes=cache_bytes, cache_dir=directory))
 
 
@@ -61,6 +62,40 @@ def recommend(storage: str, study_name: str, budgets: Budgets | None = None, pre
     return _recommend(load_records(storage, study_name), budgets, prefer)
 
 
+def apply_plan(loaded, plan: CompressionPlan) -> dict:
+    """Compress an already loaded model in place under ``plan``; returns the per-layer plan.
+
+    Calibrated plans rebuild their calibration windows from ``plan.calibration`` and use its mode
+    (dense statistics, or sequential). Raises PlanError for a plan this model cannot take.
+    """
+    from autocomp.calibration import collect_input_stats, stats_digest
+    from autocomp.data import WindowSpec, text_windows
+    from autocomp.stitch import ModelStitcher
+    from autocomp.targets import find_targets
+
+    targets = find_targets(loaded.model)
+    per_layer = plan.resolve([t.name for t in targets if t.in_blocks], [t.name for t in targets if not t.in_blocks])
+    if not plan.needs_calibration():
+        ModelStitcher(loaded.model, targets, loaded.fingerprint).apply(per_layer)
+        return per_layer
+    cal = plan.calibration
+    if cal is None:
+        raise PlanError("this plan uses a calibrated method but has no 'calibration' section saying which text to "
+                        "calibrate on; add e.g. {\"data\": \"wikitext2\", \"split\": \"validation\", "
+                        "\"windows\": 16, \"seq_len\": 512, \"seed\": 0}")
+    windows = text_windows(loaded.tokenizer, cal.data, cal.split, WindowSpec(cal.windows, cal.seq_len, cal.seed),
+                           random=True, bos=cal.bos)
+    if cal.mode == "sequential":
+        from autocomp.sequential import compress_sequential
+
+        compress_sequential(loaded.model, targets, per_layer, windows.input_ids, hessian=plan.needs_hessian())
+    else:
+        stats = collect_input_stats(loaded.model, targets, windows.input_ids, hessian=plan.needs_hessian())
+        digest = stats_digest(windows.input_ids, loaded.fingerprint)
+        ModelStitcher(loaded.model, targets, loaded.fingerprint, stats, digest).apply(per_layer)
+    return per_layer
+
+
 def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_code: bool = False,
              provenance: dict[str, Any] | None = None) -> Path:
     """Apply ``plan`` to ``model`` and save a folder that ``from_pretrained`` loads, with ``plan.json``.
@@ -68,38 +103,16 @@ def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_co
     Weights are saved as float (simulated compression): bytes on disk are not the accounted size,
     which ``autocomp.json`` records. Raises PlanError for a plan this model cannot take.
     """
-    from autocomp.calibration import collect_input_stats, stats_digest
-    from autocomp.data import WindowSpec, text_windows
     from autocomp.evaluators.size import model_size
     from autocomp.models import load_model
-    from autocomp.stitch import ModelStitcher
     from autocomp.targets import find_targets
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PlanError(f"output folder {out} is not empty; choose a new folder")
     loaded = load_model(model, trust_remote_code=trust_remote_code)
-    targets = find_targets(loaded.model)
-    per_layer = plan.resolve([t.name for t in targets if t.in_blocks], [t.name for t in targets if not t.in_blocks])
-    stats, digest = {}, None
-    if plan.needs_calibration():
-        cal = plan.calibration
-        if cal is None:
-            raise PlanError("this plan uses a calibrated method (wanda) but has no 'calibration' section saying "
-                            "which text to calibrate on; add e.g. {\"data\": \"wikitext2\", \"split\": \"validation\", "
-                            "\"windows\": 16, \"seq_len\": 512, \"seed\": 0}")
-        windows = text_windows(loaded.tokenizer, cal.data, cal.split, WindowSpec(cal.windows, cal.seq_len, cal.seed),
-                               random=True, bos=cal.bos)
-        if cal.mode == "sequential":
-            from autocomp.sequential import compress_sequential
-
-            compress_sequential(loaded.model, targets, per_layer, windows.input_ids, hessian=plan.needs_hessian())
-        else:
-            stats = collect_input_stats(loaded.model, targets, windows.input_ids, hessian=plan.needs_hessian())
-            digest = stats_digest(windows.input_ids, loaded.fingerprint)
-    if not (plan.needs_calibration() and plan.calibration.mode == "sequential"):
-        ModelStitcher(loaded.model, targets, loaded.fingerprint, stats, digest).apply(per_layer)
-    size = model_size(loaded.model, targets, per_layer)
+    per_layer = apply_plan(loaded, plan)
+    size = model_size(loaded.model, find_targets(loaded.model), per_layer)
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
@@ -120,9 +133,3 @@ def export(storage: str, study_name: str, trial: int, out: str | Path) -> Path:
     return compress(records.spec.model, plan, out, trust_remote_code=records.spec.trust_remote_code,
                     provenance={"study_name": study_name, "trial": trial, "metrics": record.metrics})
 
-
-# Importing the submodule ``autocomp.pareto`` (above) binds that name on the package to the module,
-# which hides the lazy ``autocomp.pareto`` function of ``autocomp/__init__.py``: bind the function.
-import autocomp as _package  # noqa: E402
-
-_package.pareto = pareto

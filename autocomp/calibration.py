@@ -38,14 +38,23 @@ class StatsAccumulator:
         self.xtx: torch.Tensor | None = None
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        sq = x.pow(2).sum(dim=0)
+    def add(self, x: torch.Tensor, memo: dict | None = None) -> None:
+        """Add one call's inputs. ``memo`` (cleared per forward pass by the caller) shares the work
+        between modules that receive the very same input tensor (q/k/v, gate/up)."""
+        key = (x.data_ptr(), tuple(x.shape), self.want_hessian)
+        if memo is not None and key in memo:
+            _, sq, xtx, n = memo[key]
+        else:
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            sq = x2.double().pow(2).sum(dim=0)
+            xtx = (x2.t() @ x2).double() if self.want_hessian else None  # float32 product, float64 sum
+            n = x2.shape[0]
+            if memo is not None:  # keeps x alive, so its address cannot be reused by another tensor
+                memo[key] = (x, sq, xtx, n)
         self.sq = sq if self.sq is None else self.sq + sq
-        if self.want_hessian:
-            xtx = x.t() @ x
+        if xtx is not None:
             self.xtx = xtx if self.xtx is None else self.xtx + xtx
-        self.n += x.shape[0]
+        self.n += n
 
     def result(self) -> LayerStats:
         hessian = (2.0 * self.xtx / self.n).to(torch.float32) if self.xtx is not None else None
@@ -60,11 +69,13 @@ def collect_input_stats(model: nn.Module, targets: list[Target], windows: torch.
         if t.stats_module is not None:
             by_module.setdefault(t.stats_module, []).append(t.name)
     accs = {name: StatsAccumulator(hessian) for name in by_module}
-    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, inputs, acc=acc: acc.add(inputs[0]))
+    memo: dict = {}
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, inputs, acc=acc: acc.add(inputs[0], memo))
                for name, acc in accs.items()]
     try:
         with torch.no_grad():
             for row in windows:
+                memo.clear()
                 model(row.unsqueeze(0), use_cache=False)
     finally:
         for h in handles:

@@ -136,9 +136,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from autocomp.study.storage import default_storage_url
 
     storage = args.storage or default_storage_url(study_name)
-    print(f"study {study_name!r} in {mask_url(storage)} (spec {spec.digest()}); {spec.budgets.describe()}", file=sys.stderr)
     outcome = api.search(spec, args.trials, storage, study_name, progress=not args.no_progress,
-                         cache_bytes=args.cache_mb << 20, cache_dir=args.variant_cache)
+                         cache_bytes=args.cache_mb << 20, cache_dir=args.variant_cache, echo=_stderr)
     print(f"{outcome.completed} completed trials ({outcome.ran} run now, {outcome.pruned} of them stopped early, "
           f"{outcome.failed} failed now)", file=sys.stderr)
     _print_front(api.pareto(storage, study_name), json_out=False)
@@ -149,6 +148,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     else:
         print("\nno configuration meets the budgets yet")
     return 0
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:
@@ -244,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autocomp: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `autocomp pareto --json | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

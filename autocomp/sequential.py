@@ -77,10 +77,12 @@ def compress_sequential(model: nn.Module, targets: list[Target], plan: Mapping[s
         members = by_block.get(index, [])
         if members:
             accs = {t.stats_module: StatsAccumulator(hessian) for t in members}
-            handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, inp, acc=acc: acc.add(inp[0]))
+            memo: dict = {}
+            handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, inp, acc=acc: acc.add(inp[0], memo))
                        for name, acc in accs.items()]
             try:
                 for w, x in enumerate(hidden):
+                    memo.clear()
                     _run_block(block, x, *calls[index][w])
             finally:
                 for h in handles:

@@ -105,7 +105,12 @@ class StudySpec:
                                self.calib_windows.seed, self.bos, self.calibration_mode)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the spec. Top-level options at their default value are left out, so that adding
+        an option (with a default that keeps the old behaviour) does not change existing studies' hashes."""
+        defaults = {"calib_data": None, "kl_topk": 128, "bos": "every", "staged_windows": 0,
+                    "calibration_mode": "dense", "sensitivity": False, "pin_sensitive": 0, "trust_remote_code": False}
+        data = {k: v for k, v in self.to_dict().items() if not (k in defaults and v == defaults[k])}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def spec_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from autocomp import api  # noqa: E402
 from autocomp.data import WindowSpec  # noqa: E402
 from autocomp.objectives import Budgets  # noqa: E402
-from autocomp.pareto import hypervolume_2d, load_records, non_dominated  # noqa: E402
+from autocomp.front import hypervolume_2d, load_records, non_dominated  # noqa: E402
 from autocomp.space import SearchSpace  # noqa: E402
 from autocomp.spec import StudySpec  # noqa: E402
 

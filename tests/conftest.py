@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# offline before any Hugging Face library is imported (they read these at import time)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from tiny import ARCHS, build_tiny_model, train_tokenizer  # noqa: E402
 

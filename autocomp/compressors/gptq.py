@@ -71,29 +71,32 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         for g in range(ng):
             scales[:, g], zeros[:, g] = group_params(W_orig[:, g * gs:(g + 1) * gs], bits, symmetric)
     Q = torch.zeros_like(W)
+    cols = perm.tolist()
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        keep1 = keep[:, i1:i2] if keep is not None else None
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = cols[i1 + i]
             g = col // gs
             if not static and col % gs == 0:
-                # first column of a group (columns are in natural order here): fix the group's parameters
-                block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : min(gs, in_f - col)]
+                # first column of a group (natural order here): fix its parameters on the updated weights
+                width = min(gs, in_f - col)
+                inside = W1[:, i:i + width]
+                group = inside if inside.shape[1] == width else torch.cat([inside, W[:, i2:i2 + width - inside.shape[1]]], 1)
                 if keep is not None:
-                    kb = keep[:, i1 + i: i1 + i + block.shape[1]]
-                    block = torch.where(kb, block, torch.zeros((), dtype=block.dtype))
-                scales[:, g], zeros[:, g] = group_params(block, bits, symmetric)
+                    group = torch.where(keep[:, i1 + i:i1 + i + width], group, torch.zeros((), dtype=group.dtype))
+                scales[:, g], zeros[:, g] = group_params(group, bits, symmetric)
             w = W1[:, i]
             s, z = scales[:, g], zeros[:, g]
             q = (quantize_codes(w, s, z, bits) - z) * s
-            if keep is not None:
-                q = torch.where(keep[:, i1 + i], q, torch.zeros((), dtype=q.dtype))
+            if keep1 is not None:
+                q = q * keep1[:, i]
             Q[:, i1 + i] = q
             err = (w - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     if act_order:

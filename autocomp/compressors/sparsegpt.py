@@ -94,13 +94,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             if quant is not None:
                 g = col // gs
                 if col % gs == 0:
-                    block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : min(gs, in_f - col)]
-                    scales[:, g], zeros[:, g] = group_params(block, bits, symmetric)
+                    width = min(gs, in_f - col)
+                    inside = W1[:, i:i + width]
+                    group = inside if inside.shape[1] == width else torch.cat([inside, W[:, i2:i2 + width - inside.shape[1]]], 1)
+                    scales[:, g], zeros[:, g] = group_params(group, bits, symmetric)
                 s, z = scales[:, g], zeros[:, g]
                 q = torch.where(mask1[:, i], (quantize_codes(q, s, z, bits) - z) * s, torch.zeros((), dtype=q.dtype))
             Q[:, col] = q
             err = (w - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]

@@ -68,9 +68,9 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def topk_kl(ref_lp: torch.Tensor, ref_idx: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-position KL_k (see module docstring). ``logprobs`` is ``[T, V]``; ref tensors ``[T, k]``."""
-    q_top = logprobs.gather(1, ref_idx)
+def topk_kl(ref_lp: torch.Tensor, ref_idx: torch.Tensor, q_top: torch.Tensor) -> torch.Tensor:
+    """Per-position KL_k (see module docstring). ``q_top`` holds the compressed model's
+    log-probabilities at the dense top-k tokens (``[T, k]``), like ``ref_lp``."""
     p_top = ref_lp.exp()
     kl = (p_top * (ref_lp - q_top)).sum(dim=1)
     log_p_rest = _log1mexp(torch.logsumexp(ref_lp, dim=1))
@@ -84,8 +84,11 @@ def score_windows(model: nn.Module, input_ids: torch.Tensor, reference: DenseRef
                   topk: int = 0, chunk: int = 128) -> tuple[WindowScores, DenseReference | None]:
     """Score every window of ``input_ids`` (``[n, seq]``).
 
-    Returns the scores and, when ``topk > 0``, a new :class:`DenseReference` built from this model's
-    own outputs (call it on the dense model once per study).
+    Log-probabilities are never materialised over the vocabulary: per position only the
+    log-normaliser ``logsumexp(logits)`` is computed, and the few log-probabilities needed (the
+    target token, the dense top-k) are ``logit - lse``. Returns the scores and, when ``topk > 0``, a
+    new :class:`DenseReference` built from this model's own outputs (call it on the dense model once
+    per study).
     """
     n, seq = input_ids.shape
     nll = torch.zeros(n, dtype=torch.float64)
@@ -97,14 +100,16 @@ def score_windows(model: nn.Module, input_ids: torch.Tensor, reference: DenseRef
         logits = model(ids, use_cache=False).logits[0]
         for start in range(0, seq - 1, chunk):
             stop = min(start + chunk, seq - 1)
-            lp = torch.log_softmax(logits[start:stop].float(), dim=-1)
+            z = logits[start:stop].float()
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
             target = input_ids[w, start + 1:stop + 1]
-            nll[w] += -lp.gather(1, target.unsqueeze(1)).sum().double()
+            nll[w] += (lse.squeeze(1) - z.gather(1, target.unsqueeze(1)).squeeze(1)).sum().double()
             if reference is not None:
-                kl[w] += topk_kl(reference.topk_logprobs[w, start:stop], reference.topk_indices[w, start:stop], lp).sum().double()
+                idx = reference.topk_indices[w, start:stop]
+                kl[w] += topk_kl(reference.topk_logprobs[w, start:stop], idx, z.gather(1, idx) - lse).sum().double()
             if topk:
-                values, indices = lp.topk(topk, dim=1)
-                ref_lp[w, start:stop] = values
+                values, indices = z.topk(topk, dim=1)
+                ref_lp[w, start:stop] = values - lse
                 ref_idx[w, start:stop] = indices
         del logits
     tokens = torch.full((n,), seq - 1, dtype=torch.long)

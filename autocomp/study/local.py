@@ -17,6 +17,7 @@ it, and exits; the next run picks it up.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -31,7 +32,7 @@ from autocomp.objectives import objective_values
 from autocomp.plan import CompressionPlan
 from autocomp.spec import StudySpec, spec_differences
 from autocomp.study.staged import Screen, StagedConfig, TrialPruned
-from autocomp.study.storage import open_storage
+from autocomp.study.storage import mask_url, open_storage
 
 MAX_RETRIES = 2
 MAX_CONSECUTIVE_FAILURES = 5
@@ -82,7 +83,12 @@ def check_spec(study, spec: StudySpec) -> None:
     if stored_hash is None:
         raise StudyError(f"study {study.study_name!r} exists but was not created by autocomp; choose another --study-name")
     if stored_hash != spec.digest():
-        diffs = spec_differences(study.user_attrs.get(SPEC_ATTR, {}), spec.to_dict())
+        raw = study.user_attrs.get(SPEC_ATTR, {})
+        try:  # normalise: options added since the study was stored take their defaults
+            stored = StudySpec.from_dict(raw).to_dict()
+        except (KeyError, TypeError, AutocompError):  # a spec from an incompatible version: compare raw
+            stored = raw
+        diffs = spec_differences(stored, spec.to_dict())
         raise StudyError(
             f"study {study.study_name!r} exists with a different specification ({'; '.join(diffs[:4]) or 'hash differs'}); "
             "re-run with the same options to resume, or pick a new --study-name"
@@ -99,18 +105,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+UNCLAIMED_GRACE_S = 60
+
+
+def _is_dead(t, host: str) -> str | None:
+    """Why a RUNNING trial is known dead, or None. A trial that never got its owner recorded (its
+    process died between asking for it and writing the owner) is dead after a grace period."""
+    pid = t.user_attrs.get("pid")
+    if pid is None:
+        started = t.datetime_start
+        if started is not None and (datetime.datetime.now() - started).total_seconds() > UNCLAIMED_GRACE_S:
+            return f"no worker claimed the trial within {UNCLAIMED_GRACE_S} s of its start"
+        return None
+    if t.user_attrs.get("host") != host:
+        return None  # another machine's worker: left to its heartbeat
+    if int(pid) == os.getpid() or _pid_alive(int(pid)):
+        return None
+    return f"worker process {pid} died during the trial"
+
+
 def recover_dead_trials(study) -> int:
-    """Fail RUNNING trials whose process (on this host) is gone; re-enqueue their params. Returns the count."""
+    """Fail RUNNING trials known dead (see :func:`_is_dead`); re-enqueue their params. Returns the count."""
     optuna = _optuna()
     host = socket.gethostname()
     recovered = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host:
-            continue  # another machine's worker: left to its heartbeat
-        pid = t.user_attrs.get("pid")
-        if pid is None or pid == os.getpid() or _pid_alive(int(pid)):
+        reason = _is_dead(t, host)
+        if reason is None:
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker process {pid} died during the trial")
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         retries = int(t.user_attrs.get("retries", 0))
         if retries < MAX_RETRIES and t.params:
@@ -164,6 +187,8 @@ def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
                 f"{spec.space.name!r} is {floor:.1f} MB (dense {evaluator.dense.size_mb:.1f} MB); raise the budget "
                 "or search a space with fewer bits / more sparsity (e.g. include the embedding)"
             )
+    echo(f"study {study_name!r} in {mask_url(storage_url)} (spec {spec.digest()}); {spec.budgets.describe()}; "
+         f"dense perplexity {evaluator.dense.perplexity:.4g}, {evaluator.dense.size_mb:.1f} MB")
     if study is None:
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=make_sampler(spec),
                                     directions=["minimize"] * len(spec.objectives), load_if_exists=True)
@@ -257,7 +282,7 @@ def _enqueue_initial(study, spec: StudySpec, evaluator, n_trials: int, echo: Cal
         study.set_user_attr(SENSITIVITY_ATTR, table)
         study.set_user_attr(PINNED_ATTR, pinned)
     baselines = spec.space.baseline_params(evaluator.targets, pinned)
-    for params in baselines[:n_trials]:
+    for params in baselines:  # all of them, even beyond n_trials: a later, longer run picks them up
         study.enqueue_trial(params, user_attrs={"baseline": True})
     if table is not None:
         groups = list(spec.space.groups(evaluator.targets))
@@ -271,7 +296,7 @@ def _enqueue_initial(study, spec: StudySpec, evaluator, n_trials: int, echo: Cal
                 compressing.append(params)
                 sizes.append(total)
         seeded = seeded_params(spec.space, evaluator.targets, table, compressing, sizes, pinned)
-        for params in seeded[: max(0, n_trials - len(baselines))]:
+        for params in seeded:
             study.enqueue_trial(params, user_attrs={"seeded": "sensitivity"})
     study.set_user_attr(BASELINES_ATTR, True)
 
@@ -279,7 +304,9 @@ def _enqueue_initial(study, spec: StudySpec, evaluator, n_trials: int, echo: Cal
 def _run_trial(trial, spec: StudySpec, evaluator, screen=None, pinned=None) -> tuple[list[float], dict[str, float]]:
     start = time.perf_counter()
     per_layer = spec.space.suggest(trial, evaluator.targets, pinned)
-    plan = CompressionPlan.explicit(per_layer, calibration=spec.calibration() if evaluator.stats else None,
+    # sequential mode collects no dense statistics up front, but its plans are calibrated all the same
+    calibrated = bool(evaluator.stats) or getattr(evaluator, "calib_windows", None) is not None
+    plan = CompressionPlan.explicit(per_layer, calibration=spec.calibration() if calibrated else None,
                                     embeddings=any(not t.in_blocks for t in evaluator.targets))
     trial.set_user_attr("plan", plan.to_dict())
     uniform = spec.space.describe_uniform(trial.params, list(pinned or {}))

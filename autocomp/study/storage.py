@@ -43,9 +43,14 @@ def validate_url(url: str) -> None:
             raise StorageError(f"storage URL {url!r} names a folder, not a database file")
 
 
-def open_storage(url: str):
-    """An ``optuna.storages.RDBStorage`` for ``url``; raises StorageError with the masked URL."""
+def open_storage(url: str, must_exist: bool = False):
+    """An ``optuna.storages.RDBStorage`` for ``url``; raises StorageError with the masked URL.
+    ``must_exist``: refuse a SQLite file that does not exist yet (readers must not create one)."""
     validate_url(url)
+    if must_exist and url.startswith("sqlite"):
+        path = Path(url.split(":///", 1)[1]).expanduser()
+        if not path.is_file():
+            raise StorageError(f"no study storage at {path}; check --storage (it is created by 'autocomp search')")
     import optuna
 
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}

@@ -52,7 +52,7 @@ class StudyRecords:
 def load_records(storage_url: str, study_name: str) -> StudyRecords:
     import optuna
 
-    study = load_existing(open_storage(storage_url), study_name)
+    study = load_existing(open_storage(storage_url, must_exist=True), study_name)
     if study is None:
         raise StudyError(f"no study named {study_name!r} in {mask_url(storage_url)}")
     if SPEC_ATTR not in study.user_attrs:
