@@ -112,11 +112,12 @@ class LayerVariantCache:
         path = self._path(key)
         if not path.exists():
             return None
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return _from_tensors(load_file(str(path)))
-        except Exception:  # a torn or foreign file: recompute and overwrite it
+        except (SafetensorError, OSError, KeyError, IndexError, RuntimeError):  # torn or foreign: recompute
             return None
 
     def _write(self, key: str, cw: CompressedWeight) -> None:

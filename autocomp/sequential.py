@@ -78,7 +78,7 @@ def compress_sequential(model: nn.Module, targets: list[Target], plan: Mapping[s
         if members:
             accs = {t.stats_module: StatsAccumulator(hessian) for t in members}
             memo: dict = {}
-            handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, inp, acc=acc: acc.add(inp[0], memo))
+            handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, inp, acc=acc, memo=memo: acc.add(inp[0], memo))
                        for name, acc in accs.items()]
             try:
                 for w, x in enumerate(hidden):

@@ -232,14 +232,15 @@ class SearchSpace:
             out.setdefault(key, []).append(t)
         return out
 
-    def _dimensions(self) -> list[tuple[str, list]]:
+    def dimensions(self) -> list[tuple[str, list]]:
+        """The searched dimensions (name, choices): those with more than one choice."""
         dims = [("sparsity", list(self.levels)), ("prune", list(self.prune_methods)), ("bits", list(self.bits)),
                 ("quant", list(self.quant_methods)), ("group_size", list(self.group_sizes)), ("symmetric", list(self.symmetric))]
         return [(name, choices) for name, choices in dims if len(choices) > 1]
 
     def group_choices(self) -> list[dict[str, Any]]:
         """Every combination of the searched dimensions' values (one group's possible choices)."""
-        dims = self._dimensions()
+        dims = self.dimensions()
         return [dict(zip([d for d, _ in dims], combo)) for combo in itertools.product(*[c for _, c in dims])]
 
     def suggest(self, trial: Any, targets: Sequence[Target],
@@ -251,7 +252,7 @@ class SearchSpace:
         for group, members in self.groups(targets).items():
             fixed = pinned.get(group)
             values = {dim: trial.suggest_categorical(f"{group}:{dim}", [fixed[dim]] if fixed else choices)
-                      for dim, choices in self._dimensions()}
+                      for dim, choices in self.dimensions()}
             layer_plan = self.layer_plan(values, data_free_only=any(t.stats_module is None for t in members))
             for t in members:
                 plan[t.name] = layer_plan
@@ -297,7 +298,7 @@ class SearchSpace:
             pairs += [(self.levels[0], b) for b in self.bits]
             pairs = list(dict.fromkeys(pairs))
         out = []
-        dims = dict(self._dimensions())
+        dims = dict(self.dimensions())
         for level, bits in pairs:
             values = {"sparsity": level, "prune": self.prune_methods[0], "bits": bits, "quant": self.quant_methods[0],
                       "group_size": self.group_sizes[0], "symmetric": self.symmetric[0]}
@@ -317,7 +318,7 @@ class SearchSpace:
                 continue
             per_group.setdefault(group, {})[dim] = value
         distinct = {tuple(sorted(v.items(), key=lambda kv: kv[0])) for v in per_group.values()}
-        if len(distinct) > 1 or (not distinct and self._dimensions()):
+        if len(distinct) > 1 or (not distinct and self.dimensions()):
             return None
         values = dict(next(iter(distinct))) if distinct else {}  # no dimension to choose: one configuration
         lp = self.layer_plan(values)

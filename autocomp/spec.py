@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autocomp.data import BOS_MODES, WindowSpec
 from autocomp.errors import StudyError
 from autocomp.objectives import DEFAULT_OBJECTIVES, Budgets, validate_objectives
 from autocomp.space import SearchSpace
+
+if TYPE_CHECKING:
+    from autocomp.plan import CalibrationSpec
 
 SAMPLERS = ("nsga2", "tpe")
 

@@ -11,15 +11,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import pytest
 import torch
+from cli_helpers import SMALL, assert_ok, run_cli
 
-SMALL = ["--eval-windows", "4", "--eval-seq-len", "64", "--calib-windows", "4", "--calib-seq-len", "64", "--no-progress"]
 TRIALS = 14          # the mixed space has 3 x 4 = 12 uniform baselines; 2 more come from NSGA-II
 PPL_BUDGET = 0.1     # percent: tight enough that some stored trials are infeasible on the tiny models
 STUDY = "s"
@@ -27,24 +26,6 @@ ARCHS = ["llama", "gpt2"]
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-def cli_env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["AUTOCOMP_CACHE"] = str(cache)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_DATASETS_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    return env
-
-
-def cli_command() -> list[str]:
-    script = Path(sys.executable).parent / "autocomp"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "autocomp.cli"]
-
-
-def run_cli(args: list[str], cwd: Path, cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command() + [str(a) for a in args], cwd=cwd, env=cli_env(cache),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def run_main(args: list) -> subprocess.CompletedProcess:
@@ -67,10 +48,6 @@ def run_main(args: list) -> subprocess.CompletedProcess:
         for key in set(os.environ) - env_before:  # main() sets a few library switches for its process
             del os.environ[key]
     return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, strict: bool = True) -> str:

@@ -286,7 +286,7 @@ def _enqueue_initial(study, spec: StudySpec, evaluator, n_trials: int, echo: Cal
         study.enqueue_trial(params, user_attrs={"baseline": True})
     if table is not None:
         groups = list(spec.space.groups(evaluator.targets))
-        dims = [d for d, _ in spec.space._dimensions()]
+        dims = [d for d, _ in spec.space.dimensions()]
         compressing, sizes = [], []
         for params in baselines:
             values = {g: {d: params[f"{g}:{d}"] for d in dims} for g in groups}
