@@ -124,6 +124,16 @@ def _is_dead(t, host: str) -> str | None:
     return f"worker process {pid} died during the trial"
 
 
+def _requeue(study, trial, retries: int) -> None:
+    """Queue ``trial``'s configuration again: its queued (fixed) params if it was enqueued (a baseline,
+    a seeded allocation), overlaid on whatever it had drawn; at most MAX_RETRIES times."""
+    params = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
+    if retries > MAX_RETRIES or not params:
+        return
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seeded")}
+    study.enqueue_trial(params, user_attrs={**attrs, "retries": retries, "retry_of": trial.number})
+
+
 def recover_dead_trials(study) -> int:
     """Fail RUNNING trials known dead (see :func:`_is_dead`); re-enqueue their params. Returns the count."""
     optuna = _optuna()
@@ -135,9 +145,7 @@ def recover_dead_trials(study) -> int:
             continue
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        retries = int(t.user_attrs.get("retries", 0))
-        if retries < MAX_RETRIES and t.params:
-            study.enqueue_trial(t.params, user_attrs={"retries": retries + 1, "retry_of": t.number})
+        _requeue(study, t, int(t.user_attrs.get("retries", 0)) + 1)
         recovered += 1
     return recovered
 
@@ -235,7 +243,7 @@ def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
             except KeyboardInterrupt:
                 trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                study.enqueue_trial(trial.params, user_attrs={"retries": int(trial.user_attrs.get("retries", 0))})
+                _requeue(study, study._storage.get_trial(trial._trial_id), int(trial.user_attrs.get("retries", 0)))
                 raise
             except (AutocompError, RuntimeError, ValueError, FloatingPointError, MemoryError) as exc:
                 trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")

@@ -12,9 +12,9 @@ cache, so the trials that follow reuse them.
 The table is stored with the study. It is used to
 
 * **seed**: after the uniform baselines, for each uniform configuration that compresses, enqueue the
-  allocation of the same size that minimises the summed error (greedy multiple-choice knapsack:
-  start every group at its smallest choice, then repeatedly take the upgrade with the largest error
-  reduction per extra byte that still fits), as OWL / EvoPress do for non-uniform allocation;
+  allocation of the same size that minimises the summed error (a multiple-choice knapsack solved
+  exactly by dynamic programming over sizes rounded up to 1/4096 of the budget), in the spirit of
+  OWL / EvoPress non-uniform allocation;
 * **pin** (``pin_sensitive = K``): the K groups with the largest error at their cheapest choice are
   fixed to their most accurate choice for the whole study.
 """
@@ -68,27 +68,67 @@ def sensitivity_table(space: SearchSpace, targets: list[Target], stitcher) -> di
     return table
 
 
-def allocate(table: Mapping[str, Mapping[str, Mapping[str, float]]], budget_bytes: float) -> dict[str, str]:
-    """Choice label per group minimising summed error with summed bytes <= budget (greedy knapsack)."""
-    current = {g: min(rows, key=lambda c: (rows[c]["bytes"], rows[c]["error"])) for g, rows in table.items()}
-    used = sum(table[g][c]["bytes"] for g, c in current.items())
-    while True:
-        best = None
-        for g, rows in table.items():
-            cur = rows[current[g]]
-            for c, row in rows.items():
-                extra = row["bytes"] - cur["bytes"]
-                gain = cur["error"] - row["error"]
-                if extra <= 0 or gain <= 0 or used + extra > budget_bytes:
-                    continue
-                ratio = gain / extra
-                if best is None or ratio > best[0]:
-                    best = (ratio, g, c, extra)
-        if best is None:
-            return current
-        _, g, c, extra = best
-        current[g] = c
-        used += extra
+def _knapsack(table: Mapping[str, Mapping[str, Mapping[str, float]]], budget_bytes: float, resolution: int,
+              rounding) -> dict[str, str] | None:
+    """Multiple-choice knapsack by dynamic programming over sizes in units of ``budget / resolution``,
+    each size converted to units by ``rounding``. None when nothing fits."""
+    import numpy as np
+
+    groups = list(table)
+    unit = budget_bytes / resolution
+
+    def units(nbytes: float) -> int:
+        return int(rounding(nbytes / unit))
+
+    best = np.full(resolution + 1, np.inf)
+    best[0] = 0.0
+    picks = []
+    for g in groups:
+        labels = list(table[g])
+        new = np.full(resolution + 1, np.inf)
+        arg = np.full(resolution + 1, -1, dtype=np.int64)
+        for i, label in enumerate(labels):
+            cost = units(table[g][label]["bytes"])
+            if cost > resolution:
+                continue
+            candidate = np.full(resolution + 1, np.inf)
+            candidate[cost:] = best[: resolution + 1 - cost] + table[g][label]["error"]
+            better = candidate < new
+            new[better] = candidate[better]
+            arg[better] = i
+        picks.append((labels, arg))
+        best = new
+    end = int(np.argmin(best))
+    if not np.isfinite(best[end]):
+        return None
+    chosen: dict[str, str] = {}
+    for g, (labels, arg) in zip(reversed(groups), reversed(picks)):
+        label = labels[int(arg[end])]
+        chosen[g] = label
+        end -= units(table[g][label]["bytes"])
+    return {g: chosen[g] for g in groups}
+
+
+def allocate(table: Mapping[str, Mapping[str, Mapping[str, float]]], budget_bytes: float,
+             resolution: int = 4096) -> dict[str, str]:
+    """Choice label per group minimising the summed error with summed bytes <= ``budget_bytes``.
+
+    A multiple-choice knapsack solved exactly by dynamic programming over sizes in units of
+    ``budget / resolution``: first with sizes rounded to the nearest unit (exact whenever the answer
+    really fits), and if the true size of that answer exceeds the budget, again with sizes rounded up
+    (always fits; optimal for the rounded sizes). When even the smallest choices do not fit, every
+    group gets its smallest choice.
+    """
+    import math
+
+    smallest = {g: min(rows, key=lambda c: (rows[c]["bytes"], rows[c]["error"])) for g, rows in table.items()}
+    if budget_bytes <= 0 or sum(table[g][c]["bytes"] for g, c in smallest.items()) > budget_bytes:
+        return smallest
+    for rounding in (round, lambda x: math.ceil(x - 1e-9)):
+        chosen = _knapsack(table, budget_bytes, resolution, rounding)
+        if chosen is not None and sum(table[g][c]["bytes"] for g, c in chosen.items()) <= budget_bytes:
+            return chosen
+    return smallest
 
 
 def pinned_groups(table: Mapping[str, Mapping[str, Mapping[str, float]]], k: int) -> dict[str, dict[str, Any]]:
