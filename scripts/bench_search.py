@@ -44,6 +44,13 @@ SPACE = {
 }
 
 
+def _seeded_trials(storage: str) -> list[int]:
+    import optuna
+
+    study = optuna.load_study(study_name="bench_search", storage=storage)
+    return [t.number for t in study.trials if t.user_attrs.get("seeded")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3-270m")
@@ -52,8 +59,11 @@ def main() -> int:
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=256)
-    ap.add_argument("--out", default=str(ROOT / "results" / "bench_search"))
+    ap.add_argument("--sensitivity", action="store_true", help="seed the search with the sensitivity pass")
+    ap.add_argument("--out", default=None, help="default results/bench_search (results/bench_search_sensitivity)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(ROOT / "results" / ("bench_search_sensitivity" if args.sensitivity else "bench_search"))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +71,7 @@ def main() -> int:
     spec = StudySpec(model=args.model, space=SearchSpace.from_dict(SPACE, "bench_search.py"),
                      eval_windows=WindowSpec(args.eval_windows, args.eval_seq_len),
                      calib_windows=WindowSpec(args.calib_windows, args.calib_seq_len, 0),
-                     budgets=Budgets())
+                     budgets=Budgets(), sensitivity=args.sensitivity)
     start = time.perf_counter()
     api.search(spec, args.trials, storage, "bench_search", progress=True)
     wall = time.perf_counter() - start
@@ -70,6 +80,7 @@ def main() -> int:
     dense_ppl, dense_mb = study.dense["perplexity"], study.dense["size_mb"]
     uniform = [r for r in study.records if r.uniform]
     searched = [r for r in study.records if not r.uniform]
+    seeded = {t for t in _seeded_trials(storage)}
     front = non_dominated([((r.metrics["perplexity"], r.metrics["size_mb"]), r) for r in study.records])
     ref = (2.0, dense_mb)
 
@@ -84,7 +95,8 @@ def main() -> int:
                        ("front", sorted(front, key=lambda r: r.metrics["size_mb"]))):
         for r in recs:
             m = r.metrics
-            rows.append({"set": kind, "trial": r.trial, "config": r.uniform or "searched (per block)",
+            label = r.uniform or ("sensitivity-seeded (per block)" if r.trial in seeded else "searched (per block)")
+            rows.append({"set": kind, "trial": r.trial, "config": label,
                          "avg_bits": round(m["avg_bits"], 3), "avg_sparsity": round(m["avg_sparsity"], 3),
                          "size_mb": round(m["size_mb"], 2), "perplexity": round(m["perplexity"], 3),
                          "ratio_to_dense": round(m["perplexity"] / dense_ppl, 4), "kl": round(m["kl"], 5)})
@@ -96,7 +108,8 @@ def main() -> int:
         f"# bench_search: {args.model}, WikiText-2 test, {args.eval_windows} x {args.eval_seq_len} tokens",
         "",
         f"dense perplexity {dense_ppl:.3f}, dense size {dense_mb:.2f} MB (16-bit); "
-        f"{len(study.records)} completed trials ({len(uniform)} uniform, {len(searched)} searched), "
+        f"{len(study.records)} completed trials ({len(uniform)} uniform, {len(searched)} searched, "
+        f"{len(seeded)} of them seeded by the sensitivity pass), "
         f"{study.n_failed} failed; wall {wall:.0f} s this run",
         "",
         "| set | trial | config | avg bits | sparsity | size MB | perplexity | ratio to dense | KL |",

@@ -218,6 +218,9 @@ def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
     ran = failed = consecutive = pruned = 0
     bar = _progress_bar(progress, n_trials, done)
     best: tuple[float, float] | None = None
+    for m in feasible_metrics(study, spec, evaluator.dense.perplexity):  # resumed: the front so far counts
+        if best is None or m[spec.objectives[0]] < best[0]:
+            best = (m[spec.objectives[0]], m["size_mb"])
     try:
         while done < n_trials:
             trial = study.ask()
