@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-mode", default="dense", choices=["dense", "sequential"],
                    help="dense: statistics of the dense model, layer variants cached and stitched (default); "
                         "sequential: block by block on the compressed model's activations (exact, slower)")
-    s.add_argument("--sensitivity", action="store_true",
-                   help="measure every group's error at every choice first; seed trials with allocations from it")
+    s.add_argument("--sensitivity", nargs="?", const="output", default=None, choices=["output", "kl"],
+                   help="measure every group's error at every choice first and seed trials with allocations "
+                        "from it: 'output' (default; layer-output error, no forward pass) or 'kl' (end-to-end "
+                        "KL with only that group compressed; slower, better)")
     s.add_argument("--pin-sensitive", type=int, default=0, metavar="K",
                    help="with --sensitivity: fix the K most sensitive groups at their most accurate choice")
     s.add_argument("--cache-mb", type=int, default=2048, help="memory for cached compressed layers (default 2048)")
@@ -129,7 +131,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()),
         budgets=budgets, sampler=args.sampler, seed=args.seed, kl_topk=args.kl_topk, bos=args.bos,
         staged_windows=args.staged_windows, calibration_mode=args.calibration_mode,
-        sensitivity=args.sensitivity, pin_sensitive=args.pin_sensitive,
+        sensitivity={None: False, "output": True}.get(args.sensitivity, args.sensitivity),
+        pin_sensitive=args.pin_sensitive,
         trust_remote_code=args.trust_remote_code,
     )
     study_name = args.study_name or api.default_study_name(spec)

@@ -40,7 +40,7 @@ class StudySpec:
     bos: str = "every"
     staged_windows: int = 0       # stage-1 windows of staged evaluation; 0 = off
     calibration_mode: str = "dense"  # dense (stitched variants) | sequential (exact, per plan)
-    sensitivity: bool = False        # run the sensitivity pass: seed trials from it
+    sensitivity: bool | str = False  # run the sensitivity pass (True: layer-output error; "kl": end-to-end KL)
     pin_sensitive: int = 0           # pin this many most sensitive groups to their most accurate choice
     trust_remote_code: bool = False
 
@@ -54,6 +54,8 @@ class StudySpec:
 
         if self.calibration_mode not in CALIBRATION_MODES:
             raise StudyError(f"unknown calibration mode {self.calibration_mode!r}; choose from {', '.join(CALIBRATION_MODES)}")
+        if self.sensitivity not in (False, True, "output", "kl"):
+            raise StudyError(f"sensitivity must be off, 'output' or 'kl', got {self.sensitivity!r}")
         if self.pin_sensitive < 0 or (self.pin_sensitive and not self.sensitivity):
             raise StudyError("pinning sensitive groups needs the sensitivity pass (--sensitivity) and a count >= 0")
         if self.staged_windows and not 2 <= self.staged_windows < self.eval_windows.count:

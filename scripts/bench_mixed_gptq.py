@@ -45,6 +45,13 @@ SPACE = {
 }
 
 
+def _seeded(storage: str) -> set[int]:
+    import optuna
+
+    study = optuna.load_study(study_name="mixed-gptq", storage=storage)
+    return {t.number for t in study.trials if t.user_attrs.get("seeded")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3-270m")
@@ -53,8 +60,12 @@ def main() -> int:
     ap.add_argument("--heldout-windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--out", default=str(ROOT / "results" / "bench_mixed_gptq"))
+    ap.add_argument("--sensitivity", default="output", choices=["output", "kl"],
+                    help="proxy of the sensitivity pass that seeds the search (default output)")
+    ap.add_argument("--out", default=None, help="default results/bench_mixed_gptq[_kl]")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(ROOT / "results" / ("bench_mixed_gptq_kl" if args.sensitivity == "kl" else "bench_mixed_gptq"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{out / 'study.db'}"
@@ -69,7 +80,8 @@ def main() -> int:
     budget_mb = model_size(loaded.model, targets, uniform4).size_mb
     spec = StudySpec(model=args.model, space=space, eval_windows=WindowSpec(args.search_windows, args.seq_len),
                      calib_windows=WindowSpec(args.calib_windows, args.seq_len, 0),
-                     budgets=Budgets(max_size_mb=budget_mb), sensitivity=True)
+                     budgets=Budgets(max_size_mb=budget_mb),
+                     sensitivity=True if args.sensitivity == "output" else "kl")
     holder: dict[str, TrialEvaluator] = {}
 
     def factory(s):
@@ -84,6 +96,7 @@ def main() -> int:
     uniform_rec = next(r for r in records.records if r.uniform == "uniform gptq 4b")
     front = pareto_front(records)
     best = min(front, key=lambda r: r.metrics["perplexity"])
+    seeded = sorted((r for r in records.records if r.trial in _seeded(storage)), key=lambda r: r.metrics["size_mb"])
 
     # held-out windows: WikiText-2 test after the tokens the search scored
     ids = tokenize(loaded.tokenizer, load_named_split("wikitext2", "test").text)
@@ -106,7 +119,8 @@ def main() -> int:
     rows = [("dense", records.dense["perplexity"], dense_h, records.dense["size_mb"], 16.0),
             ("uniform GPTQ 4b", uniform_rec.metrics["perplexity"], uniform_h, uniform_rec.metrics["size_mb"], uniform_rec.metrics["avg_bits"]),
             (f"searched (trial {best.trial})", best.metrics["perplexity"], best_h, best.metrics["size_mb"], best.metrics["avg_bits"])]
-    lines = [f"# bench_mixed_gptq: {args.model}, GPTQ bits {{2,3,4,8}} per decoder layer, budget = uniform 4-bit size",
+    lines = [f"# bench_mixed_gptq: {args.model}, GPTQ bits {{2,3,4,8}} per decoder layer, budget = uniform 4-bit size, "
+             f"sensitivity proxy: {args.sensitivity}",
              "",
              f"{len(records.records)} trials ({search_s:.0f} s); search split: WikiText-2 test first {args.search_windows} x "
              f"{args.seq_len} tokens; held out: the next {args.heldout_windows} x {args.seq_len}; calibration: validation "
@@ -115,6 +129,9 @@ def main() -> int:
              "| config | search ppl | held-out ppl | size MB | avg bits (decoder) |",
              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {n} | {s:.3f} | {h:.3f} | {mb:.2f} | {b:.3f} |" for n, s, h, mb, b in rows]
+    lines += ["", "sensitivity-seeded allocations (search split): " + "; ".join(
+        f"trial {r.trial}: {r.metrics['size_mb']:.2f} MB, avg bits {r.metrics['avg_bits']:.3f}, ppl {r.metrics['perplexity']:.3f}"
+        for r in seeded)]
     lines += ["", f"held-out perplexity ratio searched / uniform 4-bit: {best_h / uniform_h:.4f} "
               f"({'lower' if best_h < uniform_h else 'NOT lower'})"]
     text = "\n".join(lines) + "\n"

@@ -884,3 +884,26 @@ def test_allocate_below_the_smallest_and_above_the_largest():
     # nothing fits: every group at its cheapest choice (the caller's budget was too small)
     assert allocate(ALLOC_TABLE, 0) == {"a": "2b", "b": "2b", "c": "2b"}
     assert allocate(ALLOC_TABLE, 10_000) == {"a": "16b", "b": "16b", "c": "16b"}
+
+
+def test_end_to_end_kl_sensitivity(tiny_models, tmp_path):
+    """sensitivity='kl': each group's error is the KL with only that group compressed (others dense)."""
+    from autocomp.study.local import run_local
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    space = _gptq_space("gptq-role", "role", [2, 4, 16])
+    spec = _spec(tiny_models["llama"], space, sensitivity="kl")
+    outcome = run_local(spec, url, "kl", 4, progress=False, echo=lambda m: None)
+    assert outcome.failed == 0
+    study, _ = _trials(url, "kl")
+    table = study.user_attrs["autocomp_sensitivity"]
+    assert len(table) == 7
+    for g, rows in table.items():
+        e = {json.loads(lb)["bits"]: r["error"] for lb, r in rows.items()}
+        assert e[16] == 0.0
+        assert e[2] > e[4] >= 0, (g, e)
+    # different from the layer-output proxy (it is a KL in nats, not a relative error)
+    spec_out = _spec(tiny_models["llama"], space, sensitivity=True)
+    run_local(spec_out, url, "out", 4, progress=False, echo=lambda m: None)
+    out_table, _ = _trials(url, "out")
+    assert out_table.user_attrs["autocomp_sensitivity"] != table

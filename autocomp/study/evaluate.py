@@ -127,6 +127,17 @@ class TrialEvaluator:
             best[t.name] = min(candidates, key=lambda lp: layer_size(t.out_features, t.in_features, lp).bytes)
         return model_size(self.loaded.model, self.all_targets, best).size_mb
 
+    def kl_probe(self, windows: int = 2):
+        """A callable: mean KL to the dense model of the model as it is now, on the first ``windows``
+        evaluation windows (for the end-to-end sensitivity pass)."""
+        k = min(windows, self.eval_windows.input_ids.shape[0])
+        ids, ref = self.eval_windows.input_ids[:k], self.reference.subset(slice(0, k))
+
+        def probe() -> float:
+            return score_windows(self.loaded.model, ids, reference=ref)[0].mean_kl
+
+        return probe
+
     def evaluate(self, plan: Mapping[str, LayerPlan], screen: "Screen | None" = None) -> dict[str, float]:
         """Stitch ``plan`` into the model and return its metrics.
 

@@ -288,7 +288,8 @@ def _enqueue_initial(study, spec: StudySpec, evaluator, n_trials: int, echo: Cal
     table = None
     if spec.sensitivity:
         echo("sensitivity pass: error of every group at every choice ...")
-        table = sensitivity_table(spec.space, evaluator.targets, evaluator.stitcher)
+        probe = evaluator.kl_probe() if spec.sensitivity == "kl" else None
+        table = sensitivity_table(spec.space, evaluator.targets, evaluator.stitcher, probe)
         pinned = pinned_groups(table, spec.pin_sensitive)
         study.set_user_attr(SENSITIVITY_ATTR, table)
         study.set_user_attr(PINNED_ATTR, pinned)

@@ -6,7 +6,10 @@ relative output error of its layers is measured on calibration statistics withou
     e = sum_layers tr(dW H dW^T) / sum_layers tr(W H W^T)          (H = 2 X X^T / n, the input Hessian)
 
 falling back to the diagonal ``sum_j dW_ij^2 * ||X_j||^2`` when only per-feature norms were collected,
-and to ``||dW||^2 / ||W||^2`` for a data-free space. Compressed variants go through the stitcher's
+and to ``||dW||^2 / ||W||^2`` for a data-free space. With ``sensitivity: "kl"`` the error is instead
+measured end to end: the KL to the dense model on the first evaluation windows when only that group
+is compressed (one short forward pass per group and choice; it captures what a layer's error does
+downstream, which the layer-local figure misses). Compressed variants go through the stitcher's
 cache, so the trials that follow reuse them.
 
 The table is stored with the study. It is used to
@@ -47,24 +50,39 @@ def _error(delta: torch.Tensor, weight: torch.Tensor, stats) -> tuple[float, flo
     return float(delta.pow(2).sum()), float(weight.pow(2).sum())
 
 
-def sensitivity_table(space: SearchSpace, targets: list[Target], stitcher) -> dict[str, dict[str, dict[str, float]]]:
-    """``{group: {choice label: {"error": e, "bytes": b}}}`` for every group and choice."""
+def sensitivity_table(space: SearchSpace, targets: list[Target], stitcher,
+                      kl_probe=None) -> dict[str, dict[str, dict[str, float]]]:
+    """``{group: {choice label: {"error": e, "bytes": b}}}`` for every group and choice.
+
+    Without ``kl_probe`` the error is the relative layer-output error on calibration statistics (no
+    forward pass). With ``kl_probe`` (a callable scoring the model as it currently is, returning the
+    mean KL to the dense model on a few windows) the error is end to end: the KL when only this group
+    is compressed, every other layer dense (slower: one short evaluation per group and choice).
+    """
     table: dict[str, dict[str, dict[str, float]]] = {}
     for group, members in space.groups(targets).items():
         data_free = any(t.stats_module is None for t in members)
         rows: dict[str, dict[str, float]] = {}
         for values in space.group_choices():
             plan = space.layer_plan(values, data_free_only=data_free)
-            num = den = 0.0
-            size = 0
-            for t in members:
-                dense = stitcher.dense_weight(t.name).to(torch.float32)
-                compressed = dense if plan.is_dense else stitcher.variant(t.name, plan).to(torch.float32)
-                n, d = _error(compressed - dense, dense, stitcher.stats.get(t.name))
-                num, den = num + n, den + d
-                size += layer_size(t.out_features, t.in_features, plan).bytes
-            rows[choice_label(values)] = {"error": num / den if den > 0 else 0.0, "bytes": float(size)}
+            size = sum(layer_size(t.out_features, t.in_features, plan).bytes for t in members)
+            if kl_probe is not None:
+                error = 0.0
+                if not plan.is_dense:
+                    stitcher.apply({t.name: plan for t in members})
+                    error = max(float(kl_probe()), 0.0)
+            else:
+                num = den = 0.0
+                for t in members:
+                    dense = stitcher.dense_weight(t.name).to(torch.float32)
+                    compressed = dense if plan.is_dense else stitcher.variant(t.name, plan).to(torch.float32)
+                    n, d = _error(compressed - dense, dense, stitcher.stats.get(t.name))
+                    num, den = num + n, den + d
+                error = num / den if den > 0 else 0.0
+            rows[choice_label(values)] = {"error": error, "bytes": float(size)}
         table[group] = rows
+    if kl_probe is not None:
+        stitcher.apply({})
     return table
 
 
