@@ -24,6 +24,17 @@ def tiny_models(tiny_root) -> dict[str, Path]:
     return {arch: build_tiny_model(arch, tiny_root / arch, tiny_root / "tokenizer") for arch in ARCHS}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """The tiny models' tensors are small: intra-op threads only add overhead (about 10x on 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "autocomp-cache"

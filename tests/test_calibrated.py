@@ -31,16 +31,6 @@ SEQ_CALIB = WindowSpec(4, 64, 0)      # calibration windows of the sequential / 
 EVAL = WindowSpec(6, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # these tensors are tiny: intra-op threading only adds overhead (and one thread keeps every
-    # float reduction in the same order from call to call)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------

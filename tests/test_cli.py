@@ -515,33 +515,30 @@ def _bad_search_args(case: str, bad_files: Path, model: Path, db: Path) -> tuple
 
 # In this process huggingface_hub may have read HF_HUB_OFFLINE before conftest.py set it (the tiny
 # models are built first), so a hub lookup could wait on the network: that case runs only as a subprocess.
+def _assert_refused(proc, strict: bool, words, db: Path, workdir: Path) -> None:
+    """Exit 2 with one error line naming ``words``; no study created, nothing written in ``workdir``."""
+    assert proc.returncode == 2
+    line = assert_one_line_error(proc, strict=strict)
+    for word in words:
+        assert word in line, line
+    assert study_names(db) == []
+    assert sorted(p.name for p in workdir.iterdir()) in ([], ["study.db"])
+
+
 @pytest.mark.parametrize("case", sorted(set(BAD_SEARCH) - {"hub-model"}))
 def test_bad_search_input(case, bad_files, tiny_models, tmp_path, monkeypatch):
     """In process through ``autocomp.cli.main`` (cheap); a few cases also run through the console script below."""
     monkeypatch.chdir(tmp_path)
     db = tmp_path / "study.db"
     args, strict, words = _bad_search_args(case, bad_files, tiny_models["llama"], db)
-    proc = run_main(args)
-    assert proc.returncode == 2
-    line = assert_one_line_error(proc, strict=strict)
-    for word in words:
-        assert word in line, line
-    # no study was created, and nothing was written under the working directory
-    assert study_names(db) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["study.db"])
+    _assert_refused(run_main(args), strict, words, db, tmp_path)
 
 
 @pytest.mark.parametrize("case", ["hub-model", "missing-path", "data-bad-jsonl", "storage-missing-dir"])
 def test_bad_search_input_console_script(case, bad_files, tiny_models, tmp_path, cache_dir):
     db = tmp_path / "study.db"
     args, strict, words = _bad_search_args(case, bad_files, tiny_models["llama"], db)
-    proc = run_cli(args, tmp_path, cache_dir)
-    assert proc.returncode == 2
-    line = assert_one_line_error(proc, strict=strict)
-    for word in words:
-        assert word in line, line
-    assert study_names(db) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["study.db"])
+    _assert_refused(run_cli(args, tmp_path, cache_dir), strict, words, db, tmp_path)
 
 
 @pytest.mark.parametrize("plan_file, words", [

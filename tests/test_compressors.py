@@ -38,15 +38,6 @@ class ArchLayers:
     stats: dict        # name -> LayerStats (targets with a stats module only)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # these tensors are tiny: intra-op threading only adds overhead (10x on a 2-core box)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def layers(tiny_models) -> dict[str, ArchLayers]:
     out = {}

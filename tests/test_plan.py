@@ -19,14 +19,6 @@ EXAMPLE = {"version": 1, "default": {"method": "rtn", "bits": 4, "group_size": 1
            "layers": {"re:.*down_proj$": {"method": "rtn", "bits": 8}}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def llama_names(tiny_models):
     lm = load_model(str(tiny_models["llama"]))

@@ -17,14 +17,6 @@ from autocomp.targets import find_targets, get_module
 ARCHS = ("llama", "gemma3", "gpt2", "opt", "qwen2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _check_kept_against_compressor(out_f: int, in_f: int, lp: LayerPlan, expected_kept: int) -> None:
     """What the size module assumes is what the compressor actually keeps."""
     assert kept_weights(out_f, in_f, lp) == expected_kept
