@@ -36,7 +36,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from autocomp.errors import PlanError
 
@@ -361,6 +361,3 @@ def summarize(per_layer: Mapping[str, LayerPlan], numels: Mapping[str, int]) -> 
     sparsity = sum(per_layer[n].sparsity * numels[n] for n in per_layer) / total
     return {"avg_bits": bits, "avg_sparsity": sparsity}
 
-
-def iter_methods(plans: Iterable[LayerPlan]) -> set[str]:
-    return {lp.method for lp in plans}
