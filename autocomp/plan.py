@@ -247,17 +247,18 @@ class CompressionPlan:
         items = tuple((name, lp) for name, lp in per_layer.items() if not lp.is_dense)
         return cls(default=None, layers=items, embeddings=embeddings, calibration=calibration)
 
+    def _layer_plans(self) -> list[LayerPlan]:
+        return [lp for _, lp in self.layers] + ([self.default] if self.default else [])
+
     def needs_calibration(self) -> bool:
         from autocomp.compressors.registry import compressor_needs_calibration
 
-        plans = [lp for _, lp in self.layers] + ([self.default] if self.default else [])
-        return any(compressor_needs_calibration(lp.method) for lp in plans)
+        return any(compressor_needs_calibration(lp.method) for lp in self._layer_plans())
 
     def needs_hessian(self) -> bool:
         from autocomp.compressors.registry import compressor_needs_hessian
 
-        plans = [lp for _, lp in self.layers] + ([self.default] if self.default else [])
-        return any(compressor_needs_hessian(lp.method) for lp in plans)
+        return any(compressor_needs_hessian(lp.method) for lp in self._layer_plans())
 
     def resolve(self, block_targets: Sequence[str], extra_targets: Sequence[str] = ()) -> dict[str, LayerPlan]:
         """Return the layer plan of every target, in target order (dense where nothing applies).

@@ -116,14 +116,7 @@ class TrialEvaluator:
         space = self.spec.space
         best: dict[str, LayerPlan] = {}
         for t in self.targets:
-            candidates = []
-            for level in space.levels:
-                for pruner in space.prune_methods:
-                    for bits in space.bits:
-                        for gs in space.group_sizes:
-                            for sym in space.symmetric:
-                                values = {"sparsity": level, "prune": pruner, "bits": bits, "group_size": gs, "symmetric": sym}
-                                candidates.append(space.layer_plan(values, data_free_only=t.stats_module is None))
+            candidates = [space.layer_plan(values, data_free_only=t.stats_module is None) for values in space.group_choices()]
             best[t.name] = min(candidates, key=lambda lp: layer_size(t.out_features, t.in_features, lp).bytes)
         return model_size(self.loaded.model, self.all_targets, best).size_mb
 

@@ -300,10 +300,10 @@ def _enqueue_initial(study, spec: StudySpec, evaluator, n_trials: int, echo: Cal
         groups = list(spec.space.groups(evaluator.targets))
         dims = [d for d, _ in spec.space.dimensions()]
         compressing, sizes = [], []
+        dense_total = sum(max(r["bytes"] for r in table[g].values()) for g in groups)
         for params in baselines:
             values = {g: {d: params[f"{g}:{d}"] for d in dims} for g in groups}
             total = sum(table[g][choice_label(values[g])]["bytes"] for g in groups)
-            dense_total = sum(max(r["bytes"] for r in table[g].values()) for g in groups)
             if total < dense_total:
                 compressing.append(params)
                 sizes.append(total)
