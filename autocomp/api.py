@@ -43,11 +43,13 @@ def search(spec: StudySpec, trials: int, storage: str | None = None, study_name:
         validate_url(storage)
     storage = storage or default_storage_url(study_name)
 
+    from autocomp.cache import check_writable
+    from autocomp.models import cache_root
     from autocomp.study.evaluate import TrialEvaluator
 
-    from autocomp.models import cache_root
-
     directory = None if str(cache_dir) == "none" else Path(cache_dir) if cache_dir else cache_root() / "variants"
+    if directory is not None:
+        check_writable(directory)  # before the model is loaded
     return run_local(spec, storage, study_name, trials, progress=progress, echo=echo,
                      evaluator_factory=lambda s: TrialEvaluator(s, cache_bytes=cache_bytes, cache_dir=directory))
 

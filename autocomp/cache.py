@@ -79,12 +79,29 @@ def _from_tensors(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return weight.to(_DTYPES[int(t["dtype_code"][0])]).contiguous()
 
 
+def check_writable(directory: Path) -> None:
+    """Refuse a variant folder that cannot be created or written, before any work is done."""
+    from autocomp.errors import StorageError
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StorageError(f"variant cache folder {directory} is not writable ({exc.strerror or exc}); "
+                           "pass --variant-cache with a writable folder, or --variant-cache none to keep "
+                           "variants in memory only") from None
+
+
 class LayerVariantCache:
     """Two-tier (memory LRU, optional disk) map from variant key to compressed ``[out, in]`` weight."""
 
     def __init__(self, max_bytes: int = 2 << 30, directory: str | Path | None = None) -> None:
         self.max_bytes = max_bytes
         self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            check_writable(self.directory)
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
         self.hits = 0          # memory hits
@@ -116,9 +133,14 @@ class LayerVariantCache:
         from safetensors.torch import load_file
 
         try:
-            return _from_tensors(load_file(str(path)))
+            value = _from_tensors(load_file(str(path)))
         except (SafetensorError, OSError, KeyError, IndexError, RuntimeError):  # torn or foreign: recompute
             return None
+        try:
+            os.utime(path)  # the modification time orders entries for prune_disk: least recently used first
+        except OSError:
+            pass
+        return value
 
     def _write(self, key: str, cw: CompressedWeight) -> None:
         if self.directory is None:
@@ -157,6 +179,37 @@ class LayerVariantCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def disk_entries(self) -> list[tuple[Path, int, float]]:
+        """``(path, bytes, last use)`` of every variant file on disk, least recently used first."""
+        if self.directory is None or not self.directory.exists():
+            return []
+        out = []
+        for path in self.directory.glob("*/*.safetensors"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # removed by another process meanwhile
+                continue
+            out.append((path, st.st_size, st.st_mtime))
+        return sorted(out, key=lambda e: e[2])
+
+    def prune_disk(self, max_bytes: int) -> tuple[int, int]:
+        """Delete the least recently used variant files until the folder holds at most ``max_bytes``.
+        Safe while other workers use the folder (a deleted variant is recomputed on its next use).
+        Returns (files removed, bytes freed)."""
+        entries = self.disk_entries()
+        total = sum(size for _, size, _ in entries)
+        removed = freed = 0
+        for path, size, _ in entries:
+            if total <= max_bytes:
+                break
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            total -= size
+            removed, freed = removed + 1, freed + size
+        return removed, freed
 
     @property
     def nbytes(self) -> int:

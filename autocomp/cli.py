@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study(s, required=False)
     _add_budgets(s)
     s.add_argument("--objectives", default="perplexity,size_mb", help="comma-separated: perplexity|kl, size_mb")
-    s.add_argument("--sampler", default="nsga2", choices=["nsga2", "tpe"])
+    s.add_argument("--sampler", default="nsga2", choices=["nsga2", "tpe", "evo"],
+                   help="nsga2 (default), tpe, or evo: level-switch mutations of the feasible front (EvoPress), "
+                        "best after --sensitivity seeding")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (default 16)")
     s.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default 512)")
@@ -59,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-mode", default="dense", choices=["dense", "sequential"],
                    help="dense: statistics of the dense model, layer variants cached and stitched (default); "
                         "sequential: block by block on the compressed model's activations (exact, slower)")
-    s.add_argument("--sensitivity", nargs="?", const="output", default=None, choices=["output", "kl"],
+    s.add_argument("--sensitivity", nargs="?", const="output", default=None, choices=["output", "fisher", "kl"],
                    help="measure every group's error at every choice first and seed trials with allocations "
-                        "from it: 'output' (default; layer-output error, no forward pass) or 'kl' (end-to-end "
-                        "KL with only that group compressed; slower, better)")
+                        "from it: 'output' (default; layer-output error, no forward pass), 'fisher' (predicted "
+                        "KL to the dense model from one backward pass per calibration window) or 'kl' "
+                        "(measured KL with only that group compressed; one forward pass per group and choice)")
     s.add_argument("--pin-sensitive", type=int, default=0, metavar="K",
                    help="with --sensitivity: fix the K most sensitive groups at their most accurate choice")
     s.add_argument("--cache-mb", type=int, default=2048, help="memory for cached compressed layers (default 2048)")
@@ -95,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
 
     sub.add_parser("spaces", help="list the built-in search spaces")
+
+    k = sub.add_parser("cache", help="show (and prune) the folder of cached calibrated layer variants")
+    k.add_argument("--dir", default=None, help="variant folder (default $AUTOCOMP_CACHE/variants)")
+    k.add_argument("--max-gb", type=float, default=None, metavar="GB",
+                   help="delete least recently used variants until the folder holds at most GB gigabytes")
     return parser
 
 
@@ -228,8 +236,32 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autocomp.cache import LayerVariantCache
+    from autocomp.errors import StorageError
+    from autocomp.models import cache_root
+
+    folder = Path(args.dir) if args.dir else cache_root() / "variants"
+    if args.max_gb is not None and args.max_gb < 0:
+        raise StorageError(f"--max-gb must be >= 0, got {args.max_gb:g}")
+    if not folder.is_dir():
+        if folder.exists():
+            raise StorageError(f"{folder} is not a folder; pass --dir with the variant cache folder")
+        print(f"{folder}: no variant cache yet")
+        return 0
+    cache = LayerVariantCache(directory=folder)
+    entries = cache.disk_entries()
+    print(f"{folder}: {len(entries)} variants, {sum(e[1] for e in entries) / 1e9:.3f} GB")
+    if args.max_gb is not None:
+        removed, freed = cache.prune_disk(int(args.max_gb * 1e9))
+        print(f"removed {removed} least recently used variants ({freed / 1e9:.3f} GB)")
+    return 0
+
+
 COMMANDS = {"search": _cmd_search, "pareto": _cmd_pareto, "recommend": _cmd_recommend,
-            "compress": _cmd_compress, "export": _cmd_export, "spaces": _cmd_spaces}
+            "compress": _cmd_compress, "export": _cmd_export, "spaces": _cmd_spaces, "cache": _cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,12 +4,15 @@ This is the "sequential" mode of GPTQ and SparseGPT. The calibration windows run
 dense model to record every decoder block's call arguments (attention masks, position embeddings:
 they do not depend on the weights) and the first block's input. Then, for each block in order:
 
-1. run the block on its current inputs with hooks that accumulate each target's input statistics;
-2. compress the block's targets with those statistics;
+1. split the block's targets into *stages* by execution order: layers reading the very same input
+   tensor form one stage (q/k/v; gate/up), so a Llama block has four (qkv, o, gate/up, down);
+2. for each stage in order, run the block on its current inputs with hooks that accumulate that
+   stage's input statistics, then compress the stage's layers with them (the "true sequential"
+   option of the GPTQ reference code: o_proj sees the compressed q/k/v's attention output);
 3. run the compressed block again: its outputs are the next block's inputs.
 
-So every layer is calibrated on the outputs of the already-compressed layers before it, and memory
-stays bounded by one block's activations. Targets outside the blocks (embedding / LM head) are
+So every layer is calibrated on the outputs of the already-compressed layers before it, within its
+block too, and memory stays bounded by one block's activations. Targets outside the blocks (embedding / LM head) are
 compressed last, on statistics gathered by a full pass of the compressed model. Unlike the default
 ("dense statistics") mode, a layer's variant now depends on every layer upstream of it, so variants
 cannot be stitched from a per-layer cache: each plan is compressed from scratch (slower, exact).
@@ -62,6 +65,37 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _stages(model: nn.Module, block: nn.Module, members: list[Target], hidden: torch.Tensor,
+            call: tuple[tuple, dict]) -> list[list[Target]]:
+    """``members`` grouped into stages by the order their inputs appear in one run of the block:
+    consecutive modules reading the same tensor share a stage."""
+    order: list[tuple[str, torch.Tensor]] = []  # the tensors are kept alive, so equal addresses mean equal tensors
+    seen: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(_module, inputs):
+            if name not in seen:
+                seen.add(name)
+                order.append((name, inputs[0]))
+        return hook
+
+    names = list(dict.fromkeys(t.stats_module for t in members))
+    handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        _run_block(block, hidden, *call)
+    finally:
+        for h in handles:
+            h.remove()
+    stage_of: dict[str, int] = {}
+    for i, (name, x) in enumerate(order):
+        same = i > 0 and x.data_ptr() == order[i - 1][1].data_ptr() and x.shape == order[i - 1][1].shape
+        stage_of[name] = stage_of[order[i - 1][0]] if same else len(set(stage_of.values()))
+    stages: dict[int, list[Target]] = {}
+    for t in members:  # a module the block never called (unused branch) goes last
+        stages.setdefault(stage_of.get(t.stats_module, len(order)), []).append(t)
+    return [stages[k] for k in sorted(stages)]
+
+
 @torch.no_grad()
 def compress_sequential(model: nn.Module, targets: list[Target], plan: Mapping[str, LayerPlan],
                         windows: torch.Tensor, hessian: bool) -> dict[str, LayerStats]:
@@ -75,8 +109,8 @@ def compress_sequential(model: nn.Module, targets: list[Target], plan: Mapping[s
     used: dict[str, LayerStats] = {}
     for index, block in enumerate(blocks):
         members = by_block.get(index, [])
-        if members:
-            accs = {t.stats_module: StatsAccumulator(hessian) for t in members}
+        for stage in (_stages(model, block, members, hidden[0], calls[index][0]) if members else []):
+            accs = {t.stats_module: StatsAccumulator(hessian) for t in stage}
             memo: dict = {}
             handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, inp, acc=acc, memo=memo: acc.add(inp[0], memo))
                        for name, acc in accs.items()]
@@ -87,7 +121,7 @@ def compress_sequential(model: nn.Module, targets: list[Target], plan: Mapping[s
             finally:
                 for h in handles:
                     h.remove()
-            for t in members:
+            for t in stage:
                 stats = accs[t.stats_module].result()
                 used[t.name] = stats
                 module = get_module(model, t.name)

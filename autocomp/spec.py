@@ -21,7 +21,7 @@ from autocomp.space import SearchSpace
 if TYPE_CHECKING:
     from autocomp.plan import CalibrationSpec
 
-SAMPLERS = ("nsga2", "tpe")
+SAMPLERS = ("nsga2", "tpe", "evo")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class StudySpec:
     bos: str = "every"
     staged_windows: int = 0       # stage-1 windows of staged evaluation; 0 = off
     calibration_mode: str = "dense"  # dense (stitched variants) | sequential (exact, per plan)
-    sensitivity: bool | str = False  # run the sensitivity pass (True: layer-output error; "kl": end-to-end KL)
+    sensitivity: bool | str = False  # sensitivity pass: True/"output" layer-output error, "fisher" predicted KL, "kl" measured KL
     pin_sensitive: int = 0           # pin this many most sensitive groups to their most accurate choice
     trust_remote_code: bool = False
 
@@ -54,8 +54,8 @@ class StudySpec:
 
         if self.calibration_mode not in CALIBRATION_MODES:
             raise StudyError(f"unknown calibration mode {self.calibration_mode!r}; choose from {', '.join(CALIBRATION_MODES)}")
-        if self.sensitivity not in (False, True, "output", "kl"):
-            raise StudyError(f"sensitivity must be off, 'output' or 'kl', got {self.sensitivity!r}")
+        if self.sensitivity not in (False, True, "output", "fisher", "kl"):
+            raise StudyError(f"sensitivity must be off, 'output', 'fisher' or 'kl', got {self.sensitivity!r}")
         if self.pin_sensitive < 0 or (self.pin_sensitive and not self.sensitivity):
             raise StudyError("pinning sensitive groups needs the sensitivity pass (--sensitivity) and a count >= 0")
         if self.staged_windows and not 2 <= self.staged_windows < self.eval_windows.count:

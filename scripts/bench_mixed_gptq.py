@@ -9,7 +9,8 @@ after the search windows), and the ratio of their perplexities is reported.
 
     .venv/bin/python scripts/bench_mixed_gptq.py --trials 30
 
-Writes results/bench_mixed_gptq/table.md and summary.json; the study stays in results/bench_mixed_gptq/.
+Writes results/bench_mixed_gptq[_output|_kl]/table.md and summary.json (by sensitivity proxy); the
+study stays there too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from autocomp.data import WindowSpec, load_named_split, make_windows, tokenize  # noqa: E402
 from autocomp.evaluators.quality import score_windows  # noqa: E402
 from autocomp.evaluators.size import model_size  # noqa: E402
-from autocomp.models import load_model  # noqa: E402
+from autocomp.models import cache_root, load_model  # noqa: E402
 from autocomp.objectives import Budgets  # noqa: E402
 from autocomp.front import load_records, pareto_front  # noqa: E402
 from autocomp.plan import CompressionPlan, LayerPlan  # noqa: E402
@@ -60,12 +61,14 @@ def main() -> int:
     ap.add_argument("--heldout-windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--sensitivity", default="output", choices=["output", "kl"],
-                    help="proxy of the sensitivity pass that seeds the search (default output)")
+    ap.add_argument("--sensitivity", default="kl", choices=["output", "fisher", "kl"],
+                    help="proxy of the sensitivity pass that seeds the search (default kl)")
+    ap.add_argument("--sampler", default="evo", choices=["evo", "nsga2", "tpe"],
+                    help="sampler after the baselines and seeded allocations (default evo: level switches)")
     ap.add_argument("--out", default=None, help="default results/bench_mixed_gptq[_kl]")
     args = ap.parse_args()
     if args.out is None:
-        args.out = str(ROOT / "results" / ("bench_mixed_gptq_kl" if args.sensitivity == "kl" else "bench_mixed_gptq"))
+        args.out = str(ROOT / "results" / ("bench_mixed_gptq" if args.sensitivity == "kl" else f"bench_mixed_gptq_{args.sensitivity}"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{out / 'study.db'}"
@@ -81,11 +84,12 @@ def main() -> int:
     spec = StudySpec(model=args.model, space=space, eval_windows=WindowSpec(args.search_windows, args.seq_len),
                      calib_windows=WindowSpec(args.calib_windows, args.seq_len, 0),
                      budgets=Budgets(max_size_mb=budget_mb),
-                     sensitivity=True if args.sensitivity == "output" else "kl")
+                     sensitivity=args.sensitivity, sampler=args.sampler)
     holder: dict[str, TrialEvaluator] = {}
 
     def factory(s):
-        holder["ev"] = TrialEvaluator(s, loaded=loaded, cache_bytes=8 << 30)
+        # GPTQ variants on disk: a rerun (another proxy or sampler, same calibration) reuses them
+        holder["ev"] = TrialEvaluator(s, loaded=loaded, cache_bytes=8 << 30, cache_dir=cache_root() / "variants")
         return holder["ev"]
 
     t0 = time.perf_counter()
@@ -103,7 +107,7 @@ def main() -> int:
     skip = args.search_windows * (args.seq_len - 1)
     heldout = make_windows(ids[skip:], WindowSpec(args.heldout_windows, args.seq_len), loaded.tokenizer.bos_token_id,
                            random=False, origin="wikitext2 test (held out)")
-    ev = holder.get("ev") or TrialEvaluator(spec, loaded=loaded, cache_bytes=8 << 30)
+    ev = holder.get("ev") or TrialEvaluator(spec, loaded=loaded, cache_bytes=8 << 30, cache_dir=cache_root() / "variants")
 
     def heldout_ppl(plan_dict) -> float:
         plan = CompressionPlan.from_dict(plan_dict)
@@ -116,9 +120,15 @@ def main() -> int:
     dense_h = score_windows(loaded.model, heldout.input_ids)[0].perplexity
     uniform_h = heldout_ppl(uniform_rec.plan)
     best_h = heldout_ppl(best.plan)
+    origin = "sensitivity-seeded" if best.trial in _seeded(storage) else ("uniform" if best.uniform else f"{args.sampler} sampler")
     rows = [("dense", records.dense["perplexity"], dense_h, records.dense["size_mb"], 16.0),
             ("uniform GPTQ 4b", uniform_rec.metrics["perplexity"], uniform_h, uniform_rec.metrics["size_mb"], uniform_rec.metrics["avg_bits"]),
-            (f"searched (trial {best.trial})", best.metrics["perplexity"], best_h, best.metrics["size_mb"], best.metrics["avg_bits"])]
+            (f"searched (trial {best.trial}, {origin})", best.metrics["perplexity"], best_h, best.metrics["size_mb"], best.metrics["avg_bits"])]
+    at_budget = [r for r in seeded if r.metrics["size_mb"] <= budget_mb]
+    if at_budget and at_budget[-1].trial != best.trial:  # the knapsack allocation alone, for comparison
+        r = at_budget[-1]
+        rows.append((f"seeded allocation only (trial {r.trial})", r.metrics["perplexity"], heldout_ppl(r.plan),
+                     r.metrics["size_mb"], r.metrics["avg_bits"]))
     lines = [f"# bench_mixed_gptq: {args.model}, GPTQ bits {{2,3,4,8}} per decoder layer, budget = uniform 4-bit size, "
              f"sensitivity proxy: {args.sensitivity}",
              "",

@@ -91,7 +91,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         storage = f"sqlite:///{Path(tmp) / 'cost.db'}"
         for label, spec, cache_bytes in configs:
-            def factory(s, cache_bytes=cache_bytes):
+            def factory(s, cache_bytes=cache_bytes, label=label):
                 ev = TrialEvaluator(s, loaded=loaded, cache_bytes=cache_bytes, cache_dir=None)
                 shared[label] = ev
                 return ev

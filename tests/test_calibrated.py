@@ -341,6 +341,32 @@ def test_variant_cache_rtn_roundtrip_and_key(llama_stats, tmp_path):
                                                                                     options={"act_order": True}), "digest-a")
 
 
+def test_variant_cache_prune_keeps_the_recently_used(llama_stats, tmp_path):
+    import os
+    import time
+
+    lm = llama_stats[0]
+    w = read_weight(get_module(lm.model, "model.layers.0.mlp.up_proj")).clone()
+    cache = LayerVariantCache(directory=tmp_path)
+    keys = []
+    for i, bits in enumerate([2, 3, 4, 5]):
+        lp = LayerPlan("rtn", bits=bits, group_size=32)
+        key = variant_key(lm.fingerprint, "model.layers.0.mlp.up_proj", lp, None)
+        cache.get_or_compute(key, lambda lp=lp: compress_weight(w, lp), persist=True)
+        os.utime(cache._path(key), (time.time() - 100 + i, time.time() - 100 + i))  # written in this order
+        keys.append(key)
+    # reading the oldest from disk (a new process) makes it the most recently used
+    LayerVariantCache(directory=tmp_path).get_or_compute(keys[0], lambda: pytest.fail("disk hit expected"))
+    entries = cache.disk_entries()
+    assert [p.stem for p, _, _ in entries] == keys[1:] + keys[:1]
+    sizes = [size for _, size, _ in entries]
+    removed, freed = cache.prune_disk(sum(sizes) - sizes[0] - 1)  # room for all but the two oldest
+    assert (removed, freed) == (2, sizes[0] + sizes[1])
+    assert sorted(p.stem for p, _, _ in cache.disk_entries()) == sorted([keys[3], keys[0]])
+    assert cache.prune_disk(10**12) == (0, 0)
+    assert cache.prune_disk(0)[0] == 2 and cache.disk_entries() == []
+
+
 def test_variant_cache_corrupt_file_is_recomputed(llama_stats, tmp_path):
     lm, targets, stats = llama_stats
     name = "model.layers.1.self_attn.v_proj"
@@ -713,7 +739,7 @@ def test_sequential_calibration(tiny_models):
         if not t.in_blocks:
             continue
         got = read_weight(get_module(seq.model, t.name))
-        if t.block == 0:   # block 0's inputs do not depend on compression
+        if t.block == 0 and t.role in ("q", "k", "v"):   # the first stage's inputs do not depend on compression
             assert torch.equal(used[t.name].hessian, stats[t.name].hessian), t.name
             assert torch.equal(got, dense_path[t.name]), t.name
         else:
@@ -741,6 +767,30 @@ def test_sequential_calibration(tiny_models):
         "wikitext2", "validation", SEQ_CALIB.count, SEQ_CALIB.seq_len, SEQ_CALIB.seed, mode="dense")))
     for n, w in dense_path.items():
         assert torch.equal(read_weight(get_module(via_dense.model, n)), w), n
+
+
+STAGES = {
+    "llama": [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]],
+    "gemma3": [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]],
+    "qwen2": [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]],
+    "opt": [["q", "k", "v"], ["o"], ["fc1"], ["fc2"]],
+    "gpt2": [["qkv"], ["o"], ["up"], ["down"]],
+}
+
+
+@pytest.mark.parametrize("arch", sorted(STAGES))
+def test_sequential_stages_follow_execution_order(tiny_models, arch):
+    """True-sequential stages: layers reading the same tensor together, in the order the block runs them."""
+    from autocomp.sequential import _capture_block_calls, _stages
+    from autocomp.targets import find_decoder_blocks
+
+    lm = load_model(str(tiny_models[arch]))
+    _, blocks = find_decoder_blocks(lm.model)
+    targets = [t for t in find_targets(lm.model) if t.block == 1]
+    ids = text_windows(lm.tokenizer, "wikitext2", "validation", WindowSpec(1, 32, 0), random=True).input_ids
+    hidden, calls = _capture_block_calls(lm.model, blocks, ids)
+    stages = _stages(lm.model, blocks[1], targets, hidden[0], calls[1][0])
+    assert [sorted(t.role for t in stage) for stage in stages] == [sorted(r) for r in STAGES[arch]]
 
 
 def _gptq_space(name: str, granularity: str, bits: list[int]):

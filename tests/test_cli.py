@@ -500,6 +500,8 @@ BAD_SEARCH = {
     "zero-trials": (["--trials", "0"], False, ["--trials"]),
     "bad-objective": (["--objectives", "perplexity,speed"], True, ["speed"]),
     "zero-windows": (["--eval-windows", "0"], True, ["window count"]),
+    "variant-cache-unwritable": (["--variant-cache", "{d}/plan-not-json.json/variants"], True,
+                                 ["variant cache folder", "plan-not-json.json/variants", "--variant-cache none"]),
     "too-many-windows": (["--eval-windows", "100000"], False, ["windows"]),
 }
 
@@ -591,3 +593,20 @@ def test_spaces_lists_builtins(tmp_path, cache_dir):
     assert_ok(proc)
     names = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
     assert {"bits", "demo", "mixed", "sparsity"} <= names
+
+
+def test_cache_command_reports_and_prunes(tmp_path, cache_dir):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "variants"
+    for i in range(3):
+        (folder / f"{i:02d}").mkdir(parents=True)
+        save_file({"weight": torch.zeros(1000)}, str(folder / f"{i:02d}" / f"{i:02d}abc.safetensors"))
+    proc = run_cli(["cache", "--dir", folder], tmp_path, cache_dir)
+    assert_ok(proc)
+    assert "3 variants" in proc.stdout
+    proc = run_cli(["cache", "--dir", folder, "--max-gb", "0"], tmp_path, cache_dir)
+    assert_ok(proc)
+    assert "removed 3" in proc.stdout and not list(folder.rglob("*.safetensors"))
+    bad = run_cli(["cache", "--dir", folder, "--max-gb", "-1"], tmp_path, cache_dir)
+    assert bad.returncode == 2 and "--max-gb" in assert_one_line_error(bad)

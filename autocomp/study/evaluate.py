@@ -131,6 +131,19 @@ class TrialEvaluator:
 
         return probe
 
+    def fisher_factors(self, max_windows: int = 16):
+        """Gradient-weighted factors of the searched targets on (at most ``max_windows`` of) the
+        calibration windows, for ``sensitivity: fisher`` (see :mod:`autocomp.fisher`)."""
+        from autocomp.fisher import gradient_factors
+
+        windows = self.calib_windows
+        if windows is None:  # a data-free space: calibration windows only for this pass
+            calib = self.spec.calibration()
+            windows = text_windows(self.loaded.tokenizer, calib.data, calib.split, self.spec.calib_windows,
+                                   random=True, bos=calib.bos)
+        self.stitcher.apply({})
+        return gradient_factors(self.loaded.model, self.targets, windows.input_ids[:max_windows], seed=self.spec.seed)
+
     def evaluate(self, plan: Mapping[str, LayerPlan], screen: "Screen | None" = None) -> dict[str, float]:
         """Stitch ``plan`` into the model and return its metrics.
 

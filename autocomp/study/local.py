@@ -24,7 +24,7 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from autocomp import __version__
 from autocomp.errors import AutocompError, BudgetError, StudyError
@@ -60,12 +60,25 @@ def _optuna():
     return optuna
 
 
-def make_sampler(spec: StudySpec):
-    """NSGA-II (default) or multivariate TPE, seeded. Budgets reach them as per-trial constraints
-    (``trial.set_constraint``), which Optuna's samplers read from the stored trials."""
+def make_sampler(spec: StudySpec, evaluator=None, pinned: Mapping[str, Any] | None = None, table=None):
+    """NSGA-II (default), multivariate TPE or level-switch mutation (``evo``, needs the evaluator's
+    targets), seeded. Budgets reach NSGA-II and TPE as per-trial constraints (``trial.set_constraint``),
+    which they read from the stored trials; ``evo`` mutates the feasible front by the stored metrics."""
     optuna = _optuna()
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
+    if spec.sampler == "evo" and evaluator is not None:
+        from autocomp.study.evo import LevelSwitchSampler, choice_ladders, ladder_errors
+
+        dense_ppl = evaluator.dense.perplexity
+
+        def feasible(trial) -> bool:
+            metrics = trial.user_attrs.get("metrics")
+            return bool(metrics) and spec.budgets.feasible(metrics, dense_ppl)
+
+        ladders = choice_ladders(spec.space, evaluator.targets, pinned)
+        errors = ladder_errors(ladders, table) if table else None
+        return LevelSwitchSampler(ladders, feasible, seed=spec.seed, errors=errors)
     return optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=16)
 
 
@@ -211,8 +224,10 @@ def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
     study.set_user_attr(DENSE_ATTR, {"perplexity": evaluator.dense.perplexity, "size_mb": evaluator.dense.size_mb,
                                      "size_bytes": evaluator.dense.size_bytes})
     if not study.user_attrs.get(BASELINES_ATTR):
-        _enqueue_initial(study, spec, evaluator, n_trials, echo)
+        _enqueue_initial(study, spec, evaluator, echo, progress)
     pinned = study.user_attrs.get(PINNED_ATTR, {})
+    if spec.sampler == "evo":  # its ladders leave the pinned groups alone; the sensitivity table guides it
+        study.sampler = make_sampler(spec, evaluator, pinned, study.user_attrs.get(SENSITIVITY_ATTR))
 
     done = count_completed(study)
     ran = failed = consecutive = pruned = 0
@@ -280,7 +295,7 @@ def run_local(spec: StudySpec, storage_url: str, study_name: str, n_trials: int,
     return SearchOutcome(study_name, done, ran, failed, pruned)
 
 
-def _enqueue_initial(study, spec: StudySpec, evaluator, n_trials: int, echo: Callable[[str], None]) -> None:
+def _enqueue_initial(study, spec: StudySpec, evaluator, echo: Callable[[str], None], progress: bool) -> None:
     """First run of a study: the sensitivity pass (if asked), the uniform baselines, the seeded allocations."""
     from autocomp.study.sensitivity import choice_label, pinned_groups, seeded_params, sensitivity_table
 
@@ -288,8 +303,9 @@ def _enqueue_initial(study, spec: StudySpec, evaluator, n_trials: int, echo: Cal
     table = None
     if spec.sensitivity:
         echo("sensitivity pass: error of every group at every choice ...")
-        probe = evaluator.kl_probe() if spec.sensitivity == "kl" else None
-        table = sensitivity_table(spec.space, evaluator.targets, evaluator.stitcher, probe)
+        probe = evaluator.kl_probe() if spec.sensitivity in ("kl", "fisher") else None
+        fisher = evaluator.fisher_factors() if spec.sensitivity == "fisher" else None
+        table = sensitivity_table(spec.space, evaluator.targets, evaluator.stitcher, probe, fisher, progress=progress)
         pinned = pinned_groups(table, spec.pin_sensitive)
         study.set_user_attr(SENSITIVITY_ATTR, table)
         study.set_user_attr(PINNED_ATTR, pinned)

@@ -6,8 +6,11 @@ relative output error of its layers is measured on calibration statistics withou
     e = sum_layers tr(dW H dW^T) / sum_layers tr(W H W^T)          (H = 2 X X^T / n, the input Hessian)
 
 falling back to the diagonal ``sum_j dW_ij^2 * ||X_j||^2`` when only per-feature norms were collected,
-and to ``||dW||^2 / ||W||^2`` for a data-free space. With ``sensitivity: "kl"`` the error is instead
-measured end to end: the KL to the dense model on the first evaluation windows when only that group
+and to ``||dW||^2 / ||W||^2`` for a data-free space. With ``sensitivity: "fisher"`` the error is the
+*predicted KL to the dense model* in nats per token, ``1/2 sum_i G_i dW_i Hg dW_i^T`` with the
+gradient-weighted factors of :mod:`autocomp.fisher` (one backward pass per calibration window, then
+no forward pass at all): each output channel and each calibration token weighted by what it does to
+the prediction. With ``sensitivity: "kl"`` the error is instead measured end to end: the KL to the dense model on the first evaluation windows when only that group
 is compressed (one short forward pass per group and choice; it captures what a layer's error does
 downstream, which the layer-local figure misses). Compressed variants go through the stitcher's
 cache, so the trials that follow reuse them.
@@ -51,37 +54,59 @@ def _error(delta: torch.Tensor, weight: torch.Tensor, stats) -> tuple[float, flo
 
 
 def sensitivity_table(space: SearchSpace, targets: list[Target], stitcher,
-                      kl_probe=None) -> dict[str, dict[str, dict[str, float]]]:
+                      kl_probe=None, fisher=None, progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
     """``{group: {choice label: {"error": e, "bytes": b}}}`` for every group and choice.
 
-    Without ``kl_probe`` the error is the relative layer-output error on calibration statistics (no
-    forward pass). With ``kl_probe`` (a callable scoring the model as it currently is, returning the
-    mean KL to the dense model on a few windows) the error is end to end: the KL when only this group
-    is compressed, every other layer dense (slower: one short evaluation per group and choice).
+    Without ``kl_probe`` or ``fisher`` the error is the relative layer-output error on calibration
+    statistics (no forward pass). With ``kl_probe`` (a callable scoring the model as it currently is,
+    returning the mean KL to the dense model on a few windows) the error is end to end: the KL when
+    only this group is compressed, every other layer dense (one short evaluation per group and
+    choice). With ``fisher`` (:class:`~autocomp.fisher.FisherFactors`) it is the predicted KL to the dense model; groups
+    with a member that has no factors or no input statistics (the embedding) are then measured with
+    ``kl_probe``, so that every error is a KL in nats per token.
     """
     table: dict[str, dict[str, dict[str, float]]] = {}
-    for group, members in space.groups(targets).items():
+    probed = False
+    groups = space.groups(targets)
+    choices = space.group_choices()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(groups) * len(choices), desc="sensitivity", unit="choice", dynamic_ncols=True)
+    for group, members in groups.items():
         data_free = any(t.stats_module is None for t in members)
+        predicted = fisher is not None and all(fisher.covers(t.name) for t in members)
+        if fisher is not None and not predicted and kl_probe is None:
+            raise ValueError(f"group {group} has no Fisher factors and no KL probe was given to measure it")
         rows: dict[str, dict[str, float]] = {}
-        for values in space.group_choices():
+        for values in choices:
             plan = space.layer_plan(values, data_free_only=data_free)
             size = sum(layer_size(t.out_features, t.in_features, plan).bytes for t in members)
-            if kl_probe is not None:
-                error = 0.0
-                if not plan.is_dense:
-                    stitcher.apply({t.name: plan for t in members})
-                    error = max(float(kl_probe()), 0.0)
+            error = 0.0
+            if plan.is_dense:
+                pass
+            elif kl_probe is not None and not predicted:
+                stitcher.apply({t.name: plan for t in members})
+                error, probed = max(float(kl_probe()), 0.0), True
             else:
                 num = den = 0.0
                 for t in members:
                     dense = stitcher.dense_weight(t.name).to(torch.float32)
-                    compressed = dense if plan.is_dense else stitcher.variant(t.name, plan).to(torch.float32)
-                    n, d = _error(compressed - dense, dense, stitcher.stats.get(t.name))
-                    num, den = num + n, den + d
+                    delta = stitcher.variant(t.name, plan).to(torch.float32) - dense
+                    if predicted:
+                        num, den = num + fisher.predicted_kl(t.name, delta), 1.0
+                    else:
+                        n, d = _error(delta, dense, stitcher.stats.get(t.name))
+                        num, den = num + n, den + d
                 error = num / den if den > 0 else 0.0
             rows[choice_label(values)] = {"error": error, "bytes": float(size)}
+            if bar is not None:
+                bar.update(1)
         table[group] = rows
-    if kl_probe is not None:
+    if bar is not None:
+        bar.close()
+    if probed:
         stitcher.apply({})
     return table
 
