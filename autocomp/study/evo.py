@@ -10,8 +10,10 @@ Here the same mutation drives a multi-objective Optuna sampler:
 
 * every group of the search space gets a *ladder*: its choices ordered by bytes (pinned groups are
   left alone);
-* the parent of a trial is drawn uniformly from the feasible Pareto front of the completed trials
-  (so every budget along the front is refined, not only one);
+* the parent of a trial is, half of the time, the feasible trial best on the first objective (under
+  a size budget: the best model that fits, the point a user is most likely to take), and otherwise
+  drawn uniformly from the feasible Pareto front of the completed trials (so every size along the
+  front is refined too);
 * the child applies 1 to ``max_switches`` level switches: one group one rung up, then other groups
   one rung down until the child's bytes are at most the parent's;
 * which groups move is uniform at random, or, given the sensitivity pass's table (``errors``), half
@@ -77,8 +79,9 @@ class LevelSwitchSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, ladders: Mapping[str, Ladder], feasible: Callable[[Any], bool], seed: int = 0,
                  errors: Mapping[str, Sequence[float]] | None = None, max_switches: int = 3,
-                 max_redraws: int = 32, guided_share: float = 0.5) -> None:
+                 max_redraws: int = 32, guided_share: float = 0.5, elite_share: float = 0.5) -> None:
         self.ladders = dict(ladders)
+        self.elite_share = elite_share
         self.errors = {g: list(errors[g]) for g in self.ladders} if errors else None
         self.guided_share = guided_share
         self.feasible = feasible
@@ -144,8 +147,10 @@ class LevelSwitchSampler(optuna.samplers.BaseSampler):
         parents = _front(points)
         if not parents or not self.ladders:
             return None
+        elite = min(points, key=lambda p: tuple(p[1]))[0]
         for _ in range(self.max_redraws):
-            child = self.mutate(self._rng.choice(parents))
+            parent = elite if self._rng.random() < self.elite_share else self._rng.choice(parents)
+            child = self.mutate(parent)
             params = self._params(child)
             if tuple(sorted(params.items())) not in seen:
                 return params

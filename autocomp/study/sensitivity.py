@@ -83,9 +83,8 @@ def sensitivity_table(space: SearchSpace, targets: list[Target], stitcher,
         for values in choices:
             plan = space.layer_plan(values, data_free_only=data_free)
             size = sum(layer_size(t.out_features, t.in_features, plan).bytes for t in members)
-            error = 0.0
             if plan.is_dense:
-                pass
+                error = 0.0
             elif kl_probe is not None and not predicted:
                 stitcher.apply({t.name: plan for t in members})
                 error, probed = max(float(kl_probe()), 0.0), True
