@@ -253,10 +253,22 @@ class SearchSpace:
             fixed = pinned.get(group)
             values = {dim: trial.suggest_categorical(f"{group}:{dim}", [fixed[dim]] if fixed else choices)
                       for dim, choices in self.dimensions()}
-            layer_plan = self.layer_plan(values, data_free_only=any(t.stats_module is None for t in members))
+            layer_plan = self.group_plan(members, values)
             for t in members:
                 plan[t.name] = layer_plan
         return plan
+
+    def group_plan(self, members: Sequence[Target], values: Mapping[str, Any]) -> LayerPlan:
+        """The LayerPlan a group's members take for ``values`` (data-free methods when a member has
+        no input statistics, like the embedding)."""
+        return self.layer_plan(values, data_free_only=any(t.stats_module is None for t in members))
+
+    def group_bytes(self, members: Sequence[Target], values: Mapping[str, Any]) -> float:
+        """Accounted bytes of a group's members under ``values``."""
+        from autocomp.evaluators.size import layer_size
+
+        plan = self.group_plan(members, values)
+        return float(sum(layer_size(t.out_features, t.in_features, plan).bytes for t in members))
 
     def layer_plan(self, values: Mapping[str, Any], data_free_only: bool = False) -> LayerPlan:
         """Canonical LayerPlan for one group's values (missing dimensions take the space's only choice)."""

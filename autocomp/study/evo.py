@@ -50,17 +50,11 @@ def ladder_errors(ladders: Mapping[str, Ladder], table: Mapping[str, Mapping[str
 def choice_ladders(space: SearchSpace, targets: Sequence[Target],
                    pinned: Mapping[str, Any] | None = None) -> dict[str, Ladder]:
     """Each unpinned group's choices ordered by their bytes (ties keep the space's order)."""
-    from autocomp.evaluators.size import layer_size
-
     ladders: dict[str, Ladder] = {}
     for group, members in space.groups(targets).items():
         if pinned and group in pinned:
             continue
-        data_free = any(t.stats_module is None for t in members)
-        rungs = []
-        for values in space.group_choices():
-            plan = space.layer_plan(values, data_free_only=data_free)
-            rungs.append((values, float(sum(layer_size(t.out_features, t.in_features, plan).bytes for t in members))))
+        rungs = [(values, space.group_bytes(members, values)) for values in space.group_choices()]
         ladders[group] = sorted(rungs, key=lambda r: r[1])
     return ladders
 

@@ -32,7 +32,6 @@ from typing import Any, Mapping
 
 import torch
 
-from autocomp.evaluators.size import layer_size
 from autocomp.space import SearchSpace
 from autocomp.targets import Target
 
@@ -75,14 +74,13 @@ def sensitivity_table(space: SearchSpace, targets: list[Target], stitcher,
 
         bar = tqdm(total=len(groups) * len(choices), desc="sensitivity", unit="choice", dynamic_ncols=True)
     for group, members in groups.items():
-        data_free = any(t.stats_module is None for t in members)
         predicted = fisher is not None and all(fisher.covers(t.name) for t in members)
         if fisher is not None and not predicted and kl_probe is None:
             raise ValueError(f"group {group} has no Fisher factors and no KL probe was given to measure it")
         rows: dict[str, dict[str, float]] = {}
         for values in choices:
-            plan = space.layer_plan(values, data_free_only=data_free)
-            size = sum(layer_size(t.out_features, t.in_features, plan).bytes for t in members)
+            plan = space.group_plan(members, values)
+            size = space.group_bytes(members, values)
             if plan.is_dense:
                 error = 0.0
             elif kl_probe is not None and not predicted:
