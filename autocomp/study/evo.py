@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import optuna
 
+from autocomp.front import non_dominated
 from autocomp.space import SearchSpace
 from autocomp.targets import Target
 
@@ -57,14 +58,6 @@ def choice_ladders(space: SearchSpace, targets: Sequence[Target],
         rungs = [(values, space.group_bytes(members, values)) for values in space.group_choices()]
         ladders[group] = sorted(rungs, key=lambda r: r[1])
     return ladders
-
-
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-
-def _front(points: list[tuple[Any, Sequence[float]]]) -> list[Any]:
-    return [t for t, v in points if not any(_dominates(w, v) for _, w in points)]
 
 
 class LevelSwitchSampler(optuna.samplers.BaseSampler):
@@ -138,7 +131,7 @@ class LevelSwitchSampler(optuna.samplers.BaseSampler):
                 rungs = self._rungs(t.params)
                 if rungs is not None:
                     points.append((rungs, t.values))
-        parents = _front(points)
+        parents = non_dominated([(values, rungs) for rungs, values in points])
         if not parents or not self.ladders:
             return None
         elite = min(points, key=lambda p: tuple(p[1]))[0]
