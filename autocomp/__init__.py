@@ -6,15 +6,20 @@ load what they need when called. See :mod:`autocomp.api` for the Python API.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "search", "pareto", "recommend", "compress", "export", "StudySpec", "SearchSpace",
-           "CompressionPlan", "LayerPlan", "Budgets"]
+_API = ("search", "pareto", "recommend", "validate", "recommend_validated", "report", "compress", "export")
+__all__ = ["__version__", *_API, "StudySpec", "SearchSpace", "CompressionPlan", "LayerPlan", "Budgets",
+           "ValidationConfig"]
 
 
 def __getattr__(name: str):
-    if name in ("search", "pareto", "recommend", "compress", "export"):
+    if name in _API:
         from autocomp import api
 
         return getattr(api, name)
+    if name == "ValidationConfig":
+        from autocomp.validation.runner import ValidationConfig
+
+        return ValidationConfig
     if name == "StudySpec":
         from autocomp.spec import StudySpec
 

@@ -64,6 +64,46 @@ def recommend(storage: str, study_name: str, budgets: Budgets | None = None, pre
     return _recommend(load_records(storage, study_name), budgets, prefer)
 
 
+def validate(storage: str, study_name: str, config=None, budgets: Budgets | None = None, progress: bool = True,
+             echo=print) -> dict:
+    """Re-score the study's front on held-out windows, extra sets and lm-eval tasks (see
+    :mod:`autocomp.validation.runner`); ``config`` is a ``ValidationConfig``. Returns the stored
+    validation; run again with the same settings to resume."""
+    from autocomp.validation.runner import validate_study
+
+    return validate_study(storage, study_name, config, budgets, echo=echo, progress=progress)
+
+
+def recommend_validated(storage: str, study_name: str, budgets: Budgets | None = None,
+                        acc_budgets: dict[str, float] | None = None, prefer: str = "auto"):
+    """(recommended trial or None, verdict per validated trial) by held-out figures; needs :func:`validate`.
+    ``budgets`` / ``acc_budgets`` None: the study's budgets and the accuracy budgets stored with the validation."""
+    from autocomp.errors import StudyError
+    from autocomp.validation.runner import load_validation
+    from autocomp.validation.verdicts import recommend_validated as _by_heldout
+
+    validation = load_validation(storage, study_name)
+    if validation is None:
+        raise StudyError(f"study {study_name!r} has no validation yet; call autocomp.validate first")
+    return _by_heldout(load_records(storage, study_name), validation, budgets, acc_budgets, prefer)
+
+
+def report(storage: str, study_name: str, out: str | Path) -> dict[str, Path]:
+    """Write the HTML report, PNG figures and CSV/JSON data of a study into ``out``; returns the paths."""
+    from autocomp.report import write_report
+    from autocomp.validation.runner import load_validation
+    from autocomp.validation.verdicts import recommend_validated as _by_heldout
+
+    records = load_records(storage, study_name)
+    front = pareto_front(records)
+    validation = load_validation(storage, study_name)
+    if validation is not None:
+        best, _ = _by_heldout(records, validation)
+    else:
+        best = _recommend(records)
+    return write_report(records, front, best, validation, Path(out))
+
+
 def apply_plan(loaded, plan: CompressionPlan) -> dict:
     """Compress an already loaded model in place under ``plan``; returns the per-layer plan.
 

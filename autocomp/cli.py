@@ -30,6 +30,26 @@ def _add_study(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--study-name", required=required, help="study name inside the storage")
 
 
+def _add_validation(p: argparse.ArgumentParser, in_search: bool) -> None:
+    g = p.add_argument_group("validation (re-scoring the front on data the search never saw)")
+    if in_search:
+        g.add_argument("--no-validate", action="store_true",
+                       help="skip re-scoring the final front on held-out windows after the search")
+    g.add_argument("--heldout-windows", type=int, metavar="N",
+                   help="held-out windows right after the searched ones (default: as many as searched)")
+    g.add_argument("--extra", action="append", default=[], metavar="NAME=SOURCE",
+                   help="an extra evaluation set (second domain): pycode, wikitext2 or a .txt/.jsonl file; repeatable")
+    g.add_argument("--extra-windows", type=int, metavar="N", help="windows per extra set (default: as held out)")
+    g.add_argument("--tasks", default="", metavar="T1,T2",
+                   help="lm-eval tasks: the built-in wikitext_lastword, local YAML tasks (--task-path) or hub tasks")
+    g.add_argument("--task-path", action="append", default=[], metavar="DIR", help="folder of local lm-eval task YAML files")
+    g.add_argument("--task-limit", type=int, metavar="N", help="examples per task (default: all)")
+    g.add_argument("--max-acc-drop", action="append", default=[], metavar="TASK=PTS",
+                   help="accuracy budget: at most PTS points of TASK accuracy lost; repeatable")
+    g.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap replicates (default 1000)")
+    g.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autocomp", description="Automated compression search for causal LMs.")
     parser.add_argument("--version", action="version", version=f"autocomp {__version__}")
@@ -74,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $AUTOCOMP_CACHE/variants; 'none' for memory only)")
     s.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder / hub")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_validation(s, in_search=True)
 
     p = sub.add_parser("pareto", help="print the feasible Pareto set of a study")
     _add_study(p, required=True)
@@ -84,7 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study(r, required=True)
     _add_budgets(r)
     r.add_argument("--prefer", default="auto", choices=["auto", "size", "quality", "knee"])
+    r.add_argument("--by", default="auto", choices=["auto", "heldout", "search"],
+                   help="choose by held-out figures (needs autocomp validate) or by search figures; "
+                        "auto: held-out when the study was validated")
+    r.add_argument("--max-acc-drop", action="append", default=[], metavar="TASK=PTS",
+                   help="accuracy budget on a validated task; repeatable")
     r.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("validate", help="re-score a study's front on held-out windows, extra domains and lm-eval tasks")
+    _add_study(v, required=True)
+    _add_budgets(v)
+    _add_validation(v, in_search=False)
+    v.add_argument("--trials", default=None, metavar="N,M", help="trials to validate (default: the fronts and baselines)")
+    v.add_argument("--no-progress", action="store_true")
+    v.add_argument("--json", action="store_true", help="print the stored validation as JSON")
+
+    rp = sub.add_parser("report", help="write an HTML report (plotly), PNG figures and CSV/JSON data of a study")
+    _add_study(rp, required=True)
+    rp.add_argument("--out", required=True, help="output folder")
+
+    d = sub.add_parser("dashboard", help="open optuna-dashboard on a study storage")
+    d.add_argument("--storage", required=True)
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
 
     c = sub.add_parser("compress", help="apply a plan JSON to a model and save it")
     c.add_argument("--model", required=True)
@@ -147,17 +190,147 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from autocomp.study.storage import default_storage_url
 
     storage = args.storage or default_storage_url(study_name)
+    validation = None if args.no_validate else _validation_config(args)  # bad validation input fails here, early
     outcome = api.search(spec, args.trials, storage, study_name, progress=not args.no_progress,
                          cache_bytes=args.cache_mb << 20, cache_dir=args.variant_cache, echo=_stderr)
     print(f"{outcome.completed} completed trials ({outcome.ran} run now, {outcome.pruned} of them stopped early, "
           f"{outcome.failed} failed now)", file=sys.stderr)
     _print_front(api.pareto(storage, study_name), json_out=False)
+    if validation is not None and outcome.completed:
+        api.validate(storage, study_name, validation, progress=not args.no_progress, echo=_stderr)
+        return _print_recommendation(storage, study_name, None, "auto", validation.acc_budgets, "auto", False,
+                                     export_hint=True)
     best = api.recommend(storage, study_name)
     if best is not None:
         print(f"\nrecommended: trial {best.trial}  {_fmt_metrics(best.metrics)}")
         print(f"  export it: autocomp export --storage {mask_url(storage)} --study-name {study_name} --trial {best.trial} --out OUT_DIR")
     else:
         print("\nno configuration meets the budgets yet")
+    return 0
+
+
+def _validation_config(args: argparse.Namespace, trials: tuple[int, ...] | None = None):
+    from autocomp.errors import DataError
+    from autocomp.validation.lmeval import check_tasks, parse_acc_budgets
+    from autocomp.validation.runner import ValidationConfig
+    from autocomp.validation.sets import parse_extra
+
+    for flag, value in (("--heldout-windows", args.heldout_windows), ("--extra-windows", args.extra_windows),
+                        ("--task-limit", args.task_limit)):
+        if value is not None and value < (2 if "windows" in flag else 1):
+            raise DataError(f"{flag} must be at least {2 if 'windows' in flag else 1}, got {value}")
+    if args.bootstrap < 100:
+        raise DataError(f"--bootstrap needs at least 100 replicates, got {args.bootstrap}")
+    if not 0.5 <= args.level < 1:
+        raise DataError(f"--level must be in [0.5, 1), got {args.level}")
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if tasks:
+        check_tasks(tasks, args.task_path)  # a typo fails now, not after the search
+    acc = parse_acc_budgets(args.max_acc_drop)
+    unmeasured = sorted(set(acc) - set(tasks))
+    if unmeasured:
+        raise DataError(f"--max-acc-drop names task(s) {', '.join(unmeasured)} that --tasks does not run; "
+                        f"add them to --tasks")
+    return ValidationConfig(heldout_windows=args.heldout_windows, extra=parse_extra(args.extra),
+                            extra_windows=args.extra_windows, tasks=tasks, task_paths=tuple(args.task_path),
+                            task_limit=args.task_limit, acc_budgets=acc, trials=trials, replicates=args.bootstrap,
+                            level=args.level, seed=0)
+
+
+def _ci(figures: dict[str, Any]) -> str:
+    low, high = figures["ppl_increase_ci"]
+    return f"{figures['ppl_increase_pct']:+.2f}% [{low:+.2f}, {high:+.2f}]"
+
+
+def _print_validation(validation: dict[str, Any], judged: dict[int, dict[str, Any]], records) -> None:
+    sets = list(validation["sets"])
+    level = round(100 * validation["level"])
+    print("\nvalidated on: " + "; ".join(f"{n} = {validation['sets'][n]['label']}" for n in sets))
+    tasks = sorted(validation["dense"].get("tasks", {}))
+    head = f"{'trial':>5}  {'size MB':>8}  " + "  ".join(f"{n + ' +ppl% [' + str(level) + '% CI]':>30}" for n in sets)
+    head += "".join(f"  {t + ' acc (drop)':>24}" for t in tasks) + "  verdict"
+    print(head)
+    by_number = {r.trial: r for r in records.records}
+    for key in sorted(validation["trials"], key=int):
+        entry, number = validation["trials"][key], int(key)
+        if number not in by_number:
+            continue
+        v = judged.get(number, {})
+        status = "FLAGGED" if v.get("flagged") else "uncertain" if v.get("uncertain") else \
+            "ok" if v.get("heldout_feasible") else "infeasible"
+        if v.get("heldout_feasible") and not v.get("search_feasible"):
+            status += " held out (the search figures broke the budgets)"
+        verdict = status + (": " + "; ".join(v["reasons"]) if v.get("reasons") else "")
+        line = f"{number:>5}  {entry['size_mb']:>8.2f}  " + "  ".join(f"{_ci(entry['sets'][n]):>30}" for n in sets)
+        for t in tasks:
+            r = entry.get("tasks", {}).get(t)
+            cell = "-" if r is None else f"{100 * r['value']:.1f} ({r['drop_points']:+.1f})"
+            line += f"  {cell:>24}"
+        print(line + "  " + verdict)
+
+
+def _print_recommendation(storage: str, study_name: str, budgets, prefer: str, acc_budgets: dict[str, float] | None,
+                          by: str, json_out: bool, export_hint: bool = False) -> int:
+    """Print (or JSON) the recommendation; by held-out figures when validated. ``budgets`` and
+    ``acc_budgets`` None: the study's own and those stored with its validation."""
+    from autocomp import api
+    from autocomp.front import load_records
+    from autocomp.study.storage import mask_url
+    from autocomp.validation.runner import load_validation
+    from autocomp.validation.verdicts import recommend_validated
+
+    from autocomp.errors import StudyError
+
+    validation = load_validation(storage, study_name) if by != "search" else None
+    if by == "heldout" and validation is None:
+        raise StudyError(f"study {study_name!r} has no validation yet; run autocomp validate --storage "
+                         f"{mask_url(storage)} --study-name {study_name} first, or use --by search")
+    if acc_budgets and validation is None:
+        raise StudyError("--max-acc-drop needs a validated study (autocomp validate --tasks ...)")
+    if validation is None:
+        best = api.recommend(storage, study_name, budgets, prefer)
+        judged, records = {}, None
+    else:
+        records = load_records(storage, study_name)
+        best, judged = recommend_validated(records, validation, budgets, acc_budgets, prefer)
+    if json_out:  # the trial record as without validation, plus its validation and every verdict
+        out = None if best is None else best.to_dict()
+        if validation is not None:
+            out = out or {"trial": None}
+            if best is not None:
+                out["validation"] = validation["trials"][str(best.trial)]
+            out.update(by="heldout", verdicts={str(k): v for k, v in judged.items()})
+        print(json.dumps(out, indent=2))
+        return 0 if best is not None else EXIT_NOTHING_FEASIBLE
+    if validation is not None:
+        _print_validation(validation, judged, records)
+        flagged = [n for n, v in judged.items() if v["flagged"]]
+        if flagged:
+            print(f"\nFLAGGED: trial(s) {', '.join(map(str, flagged))} met the budgets on the search windows but not "
+                  f"on held-out data; they are not recommended")
+    if best is None:
+        where = "on held-out data" if validation is not None else ""
+        print(f"autocomp: no stored configuration meets these budgets {where}; relax them or run more trials",
+              file=sys.stderr)
+        return EXIT_NOTHING_FEASIBLE
+    print(f"\nrecommended: trial {best.trial}  {_fmt_metrics(best.metrics)}" + ("  (search figures)" if validation else ""))
+    if validation is not None:
+        entry = validation["trials"][str(best.trial)]
+        level = round(100 * validation["level"])
+        for name, figures in entry["sets"].items():
+            print(f"  {name:>8}: perplexity {figures['perplexity']:.3f}, {_ci(figures)} vs dense ({level}% CI)"
+                  + (f", KL {figures['kl']:.4f} [{figures['kl_ci'][0]:.4f}, {figures['kl_ci'][1]:.4f}]"
+                     if figures.get("kl") is not None else ""))
+        for task, r in entry.get("tasks", {}).items():
+            dense = validation["dense"]["tasks"][task]
+            spread = (f"[{r['drop_ci'][0]:+.2f}, {r['drop_ci'][1]:+.2f}] ({level}% CI)" if "drop_ci" in r
+                      else f"(stderr {100 * (r.get('stderr') or 0):.2f})")
+            print(f"  {task}: {r['metric']} {100 * r['value']:.2f} (dense {100 * dense['value']:.2f}, "
+                  f"{r['drop_points']:+.2f} points lost {spread})")
+        if judged[best.trial]["uncertain"]:
+            print("  note: " + "; ".join(judged[best.trial]["reasons"]))
+    if export_hint:
+        print(f"  export it: autocomp export --storage {mask_url(storage)} --study-name {study_name} --trial {best.trial} --out OUT_DIR")
     return 0
 
 
@@ -195,17 +368,44 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
+    from autocomp.validation.lmeval import parse_acc_budgets
+
+    return _print_recommendation(args.storage, args.study_name, _budgets(args), args.prefer,
+                                 parse_acc_budgets(args.max_acc_drop) or None, args.by, args.json)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from autocomp import api
+    from autocomp.errors import StudyError
+
+    try:
+        trials = None if args.trials is None else tuple(int(t) for t in args.trials.split(",") if t.strip())
+    except ValueError:
+        raise StudyError(f"--trials takes comma-separated trial numbers, got {args.trials!r}") from None
+    config = _validation_config(args, trials)
+    validation = api.validate(args.storage, args.study_name, config, _budgets(args), progress=not args.no_progress,
+                              echo=_stderr)
+    if args.json:
+        print(json.dumps(validation, indent=2))
+        return 0
+    return _print_recommendation(args.storage, args.study_name, _budgets(args), "auto", config.acc_budgets, "heldout",
+                                 False, export_hint=True)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
     from autocomp import api
 
-    best = api.recommend(args.storage, args.study_name, _budgets(args), args.prefer)
-    if best is None:
-        msg = "no stored configuration meets these budgets; relax them or run more trials"
-        print(json.dumps(None) if args.json else f"autocomp: {msg}", file=sys.stdout if args.json else sys.stderr)
-        return EXIT_NOTHING_FEASIBLE
-    if args.json:
-        print(json.dumps(best.to_dict(), indent=2))
-    else:
-        print(f"trial {best.trial}: {_fmt_metrics(best.metrics)}")
+    paths = api.report(args.storage, args.study_name, args.out)
+    for kind, path in paths.items():
+        print(f"{kind:>14}: {path}")
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from autocomp.report.dashboard import run_dashboard
+
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr)
+    run_dashboard(args.storage, args.host, args.port)
     return 0
 
 
@@ -260,8 +460,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"search": _cmd_search, "pareto": _cmd_pareto, "recommend": _cmd_recommend,
-            "compress": _cmd_compress, "export": _cmd_export, "spaces": _cmd_spaces, "cache": _cmd_cache}
+COMMANDS = {"search": _cmd_search, "pareto": _cmd_pareto, "recommend": _cmd_recommend, "validate": _cmd_validate,
+            "report": _cmd_report, "dashboard": _cmd_dashboard, "compress": _cmd_compress, "export": _cmd_export,
+            "spaces": _cmd_spaces, "cache": _cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,9 @@ A data reference (``--data D``) is either a named dataset or a local file:
      checkout (the offline copy; its text equals the hub's rows);
   3. the Hugging Face hub through ``datasets.load_dataset`` (needs network or the datasets cache).
   As in the GPTQ / SparseGPT evaluation, the rows are joined with ``"\\n\\n"``.
+* ``pycode``: the source of pure-Python standard-library modules (a second domain, code instead of
+  encyclopedia prose, present in every Python install; ``test`` and ``validation`` name disjoint
+  module lists, and the text changes with the Python version, which the origin records).
 * a local ``.txt`` / ``.raw`` file (read as it is) or ``.jsonl`` file (the ``"text"`` field of each
   line, joined with ``"\\n\\n"``).
 
@@ -37,6 +40,12 @@ from autocomp.errors import DataError
 NAMED_DATASETS = {
     "wikitext2": {"hub": ("wikitext", "wikitext-2-raw-v1"), "folder": "wikitext-2-raw",
                   "files": {"test": "wiki.test.raw", "validation": "wiki.valid.raw", "train": "wiki.train.raw"}},
+    # a second domain that every Python install carries: source code of pure-Python standard modules
+    "pycode": {"modules": {
+        "test": ("argparse", "dataclasses", "difflib", "enum", "fractions", "gettext", "heapq", "inspect",
+                 "json.decoder", "json.encoder", "optparse", "pprint", "random", "shutil"),
+        "validation": ("statistics", "string", "tarfile", "textwrap", "threading", "tokenize", "typing",
+                       "calendar", "csv", "ftplib", "glob", "locale", "mailbox", "netrc")}},
 }
 EVAL_SPLIT = "test"
 CALIB_SPLIT = "validation"
@@ -96,6 +105,8 @@ def is_named_dataset(ref: str) -> bool:
 def load_named_split(name: str, split: str) -> Text:
     """Load one split of a named dataset, offline copy first (see module docstring)."""
     spec = NAMED_DATASETS[name]
+    if "modules" in spec:
+        return _python_modules_text(name, split, spec["modules"])
     filename = spec["files"].get(split)
     if filename is None:
         raise DataError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(spec['files'])}")
@@ -114,6 +125,23 @@ def load_named_split(name: str, split: str) -> Text:
             f"and the hub is not reachable ({type(exc).__name__}); set AUTOCOMP_DATA_DIR or pass a local .txt/.jsonl file"
         ) from None
     return Text(_join_rows(list(ds["text"])), f"hub:{'/'.join(spec['hub'])}:{split}")
+
+
+def _python_modules_text(name: str, split: str, splits: dict[str, tuple[str, ...]]) -> Text:
+    """The source of standard-library modules, one after another (text depends on the Python version)."""
+    import importlib.util
+    import sys
+
+    if split not in splits:
+        raise DataError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(splits)}")
+    rows = []
+    for module in splits[split]:
+        found = importlib.util.find_spec(module)
+        if found is None or not found.origin or not found.origin.endswith(".py"):
+            raise DataError(f"dataset {name!r}: standard module {module} has no Python source in this install")
+        rows.append(Path(found.origin).read_text(encoding="utf-8"))
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return Text(_join_rows(rows), f"python{version} stdlib source ({split}: {', '.join(splits[split])})")
 
 
 def load_local(path_str: str) -> Text:
@@ -189,8 +217,11 @@ def bos_id_for(tokenizer: Any, bos: str) -> int | None:
 
 
 def make_windows(ids: torch.Tensor, spec: WindowSpec, bos: int | None, random: bool, origin: str,
-                 bos_mode: str = "every") -> Windows:
+                 bos_mode: str = "every", skip: int = 0) -> Windows:
     """Cut ``ids`` into windows; raises DataError when there are too few tokens.
+
+    ``skip`` (sequential windows only) leaves out the first ``skip`` windows: windows ``skip`` to
+    ``skip + count - 1`` of the same cut, so a held-out slice never overlaps the searched one.
 
     ``bos_mode="every"`` starts each window with ``bos`` then ``seq_len - 1`` text tokens (each
     window is an independent sequence, as the model was trained); ``"first"`` puts ``bos`` once
@@ -204,16 +235,19 @@ def make_windows(ids: torch.Tensor, spec: WindowSpec, bos: int | None, random: b
         bos = None
     body = spec.seq_len - (1 if bos is not None else 0)
     most = ids.numel() // body
-    if (not random and most < spec.count) or most == 0:
+    if skip and random:
+        raise DataError("skip applies to sequential (evaluation) windows only")
+    if (not random and most < skip + spec.count) or most == 0:
+        after = f" after the first {skip}" if skip else ""
         raise DataError(
             f"{origin} has {ids.numel()} tokens: room for {most} windows of {spec.seq_len}, "
-            f"but {spec.count} were asked for; ask for fewer or shorter windows, or give more text"
+            f"but {spec.count} were asked for{after}; ask for fewer or shorter windows, or give more text"
         )
     if random:
         gen = torch.Generator().manual_seed(spec.seed)
         starts = torch.randint(0, ids.numel() - body + 1, (spec.count,), generator=gen).tolist()
     else:
-        starts = [i * body for i in range(spec.count)]
+        starts = [(skip + i) * body for i in range(spec.count)]
     rows = []
     for s in starts:
         chunk = ids[s:s + body]
@@ -246,12 +280,13 @@ def split_ids(ids: torch.Tensor, part: str) -> torch.Tensor:
 
 
 def text_windows(tokenizer: Any, source: str, split: str, spec: WindowSpec, random: bool,
-                 bos: str = "every") -> Windows:
-    """Windows from one text source and split: sequential for evaluation, random for calibration."""
+                 bos: str = "every", skip: int = 0) -> Windows:
+    """Windows from one text source and split: sequential for evaluation (``skip`` leaves out the
+    first windows), random for calibration."""
     text, part = load_text(source, split)
     ids = split_ids(tokenize(tokenizer, text.text), part)
     origin = text.origin + ("" if part == "all" else f" ({part})")
-    return make_windows(ids, spec, bos_id_for(tokenizer, bos), random=random, origin=origin, bos_mode=bos)
+    return make_windows(ids, spec, bos_id_for(tokenizer, bos), random=random, origin=origin, bos_mode=bos, skip=skip)
 
 
 def eval_source(data: str, calib_data: str | None) -> tuple[str, str]:

@@ -44,3 +44,15 @@ class StudyError(AutocompError):
 
 class TrialNotFoundError(StudyError):
     """A trial number does not name a completed trial of the study."""
+
+
+class TaskError(AutocompError):
+    """An evaluation task (lm-eval) is unknown, cannot be read offline, or reports no usable metric."""
+
+
+class DependencyError(AutocompError):
+    """An optional package needed for this command is not installed."""
+
+
+class ReportError(AutocompError):
+    """A report or dashboard cannot be written or served (folder, port, malformed stored results)."""

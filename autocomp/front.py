@@ -112,7 +112,17 @@ def recommend(study: StudyRecords, budgets: Budgets | None = None, prefer: str =
     front = pareto_front(study, budgets)
     if not front:
         return None
-    quality = study.spec.objectives[0] if study.spec.objectives[0] != "size_mb" else "perplexity"
+    return choose(front, budgets, quality_objective(study.spec.objectives), prefer)
+
+
+def quality_objective(objectives: Sequence[str]) -> str:
+    return objectives[0] if objectives[0] != "size_mb" else "perplexity"
+
+
+def choose(front: list[TrialRecord], budgets: Budgets, quality: str, prefer: str = "auto") -> TrialRecord:
+    """The recommendation rule (module docstring) applied to a non-empty front."""
+    if prefer not in PREFERENCES:
+        raise StudyError(f"--prefer must be one of {', '.join(PREFERENCES)}, got {prefer!r}")
     if prefer == "auto":
         if budgets.max_ppl_increase_pct is not None or budgets.max_kl is not None:
             prefer = "size"

@@ -260,7 +260,7 @@ def _expected_recommendation(url: str, max_ppl: float | None, max_size: float | 
 @pytest.mark.parametrize("study", ["llama"], indirect=True)
 def test_recommend_under_new_budgets_reads_stored_trials(study):
     before = snapshot(study.url)
-    base = ["recommend", "--storage", study.url, "--study-name", STUDY, "--json"]
+    base = ["recommend", "--storage", study.url, "--study-name", STUDY, "--json", "--by", "search"]
 
     proc = run_cli(base, study.dir, study.cache)
     assert_ok(proc)
@@ -296,7 +296,8 @@ def test_recommend_under_new_budgets_reads_stored_trials(study):
     assert proc.returncode == 3, proc.stderr
     assert json.loads(proc.stdout) is None
     assert "Traceback" not in proc.stderr
-    proc = run_main(["recommend", "--storage", study.url, "--study-name", STUDY, "--max-size-mb", "0.0001"])
+    proc = run_main(["recommend", "--storage", study.url, "--study-name", STUDY, "--max-size-mb", "0.0001",
+                     "--by", "search"])
     assert proc.returncode == 3
     assert "no stored configuration meets these budgets" in proc.stderr and "Traceback" not in proc.stderr
 

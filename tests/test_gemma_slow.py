@@ -56,3 +56,21 @@ def test_gemma_search_pareto_recommend(tmp_path):
     assert rec.returncode == 0, rec.stderr
     chosen = json.loads(rec.stdout)
     assert chosen["metrics"]["size_mb"] == min(p["metrics"]["size_mb"] for p in front)
+
+    # validation with the built-in lm-eval task on the real model, then the report
+    val = subprocess.run(AUTOCOMP + ["validate", "--tasks", "wikitext_lastword", "--task-limit", "16",
+                                     "--heldout-windows", "2", "--trials", str(chosen["trial"]), "--no-progress",
+                                     "--json"] + common,
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200)
+    assert val.returncode == 0, val.stderr[-3000:]
+    validation = json.loads(val.stdout)
+    dense_task = validation["dense"]["tasks"]["wikitext_lastword"]
+    # a trained model gets some last words right (a random one gets none); 16 documents, so only a floor
+    assert dense_task["n"] == 16 and dense_task["value"] >= 2 / 16
+    entry = validation["trials"][str(chosen["trial"])]
+    assert entry["search_reproduced_rel"] < 1e-6
+    assert entry["sets"]["heldout"]["ppl_increase_ci"][0] <= entry["sets"]["heldout"]["ppl_increase_pct"]
+    report = subprocess.run(AUTOCOMP + ["report", "--out", str(tmp_path / "report")] + common, cwd=tmp_path,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "front.png").exists()

@@ -292,7 +292,12 @@ def test_python_api_matches_the_cli(tpe_study, tmp_path):
     assert as_json([r.to_dict() for r in front]) == cli_json("pareto")
     best = autocomp.recommend(url, "tpe")
     assert best is not None and best.trial in {r.trial for r in front}
-    assert as_json(best.to_dict()) == cli_json("recommend")
+    assert as_json(best.to_dict()) == cli_json("recommend", "--by", "search")
+    # the CLI search validated its front: plain `recommend` chooses by held-out figures, like the API's
+    by_heldout, verdicts = autocomp.recommend_validated(url, "tpe")
+    cli = cli_json("recommend")
+    assert cli["by"] == "heldout" and cli["verdicts"] == as_json({str(k): v for k, v in verdicts.items()})
+    assert cli["trial"] == (by_heldout.trial if by_heldout else None)
 
     # under other budgets, too
     sizes = sorted(r.metrics["size_mb"] for r in autocomp.pareto(url, "tpe", Budgets()))
@@ -301,4 +306,5 @@ def test_python_api_matches_the_cli(tpe_study, tmp_path):
     front2 = autocomp.pareto(url, "tpe", budgets)
     assert front2 and all(r.metrics["size_mb"] <= bound for r in front2)
     assert as_json([r.to_dict() for r in front2]) == cli_json("pareto", "--max-size-mb", bound)
-    assert as_json(autocomp.recommend(url, "tpe", budgets).to_dict()) == cli_json("recommend", "--max-size-mb", bound)
+    assert as_json(autocomp.recommend(url, "tpe", budgets).to_dict()) == cli_json("recommend", "--max-size-mb", bound,
+                                                                              "--by", "search")

@@ -144,6 +144,20 @@ class TrialEvaluator:
         self.stitcher.apply({})
         return gradient_factors(self.loaded.model, self.targets, windows.input_ids[:max_windows], seed=self.spec.seed)
 
+    def compress(self, plan: Mapping[str, LayerPlan]):
+        """Make the in-memory model hold ``plan`` (calibrated as the study is) and return its
+        accounted :class:`~autocomp.evaluators.size.SizeReport`. ``{}`` restores the dense model."""
+        if self.sequential and self.calib_windows is not None and any(not lp.is_dense for lp in plan.values()):
+            from autocomp.sequential import compress_sequential
+
+            changed = [n for n, lp in plan.items() if not lp.is_dense]
+            self.stitcher.prepare_external_write(changed)
+            compress_sequential(self.loaded.model, self.all_targets, plan, self.calib_windows.input_ids,
+                                hessian=self._space_needs_hessian())
+        else:
+            self.stitcher.apply(plan)
+        return model_size(self.loaded.model, self.all_targets, plan)
+
     def evaluate(self, plan: Mapping[str, LayerPlan], screen: "Screen | None" = None) -> dict[str, float]:
         """Stitch ``plan`` into the model and return its metrics.
 
@@ -154,17 +168,8 @@ class TrialEvaluator:
         from autocomp.study.staged import estimate
 
         t0 = time.perf_counter()
-        if self.sequential and self.calib_windows is not None:
-            from autocomp.sequential import compress_sequential
-
-            changed = [n for n, lp in plan.items() if not lp.is_dense]
-            self.stitcher.prepare_external_write(changed)
-            compress_sequential(self.loaded.model, self.all_targets, plan, self.calib_windows.input_ids,
-                                hessian=self._space_needs_hessian())
-        else:
-            self.stitcher.apply(plan)
+        size = self.compress(plan)
         t1 = time.perf_counter()
-        size = model_size(self.loaded.model, self.all_targets, plan)
         ids, ref = self.eval_windows.input_ids, self.reference
         k = screen.config.windows if screen is not None else 0
         if screen is not None:

@@ -1,0 +1,114 @@
+"""Budget verdicts on validated figures, and the recommendation by held-out figures.
+
+Reads only stored data (the study's trials and its validation entry): no model is loaded, so a
+user can ask "what if the budget were 10%" of a validated study in a second.
+
+A trial's verdict under budgets ``B`` and accuracy budgets ``A`` (task -> most points of accuracy
+lost):
+
+* ``search_feasible``: the search figures meet ``B`` (what the search believed);
+* ``heldout_feasible``: the held-out figures meet ``B`` (perplexity increase against the dense
+  model on the same held-out windows, KL on them, the size) and every task of ``A`` lost at most
+  its points;
+* ``flagged``: the search figures met ``B`` but the held-out ones do not;
+* ``uncertain``: held-out feasible, but the upper end of a bootstrap interval breaks a budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from autocomp.front import StudyRecords, TrialRecord, choose, non_dominated, quality_objective
+from autocomp.objectives import Budgets
+from autocomp.validation.sets import HELDOUT, SEARCH
+
+
+def heldout_metrics(record: TrialRecord, entry: Mapping[str, Any], set_name: str = HELDOUT) -> dict[str, float]:
+    """The trial's metrics with perplexity and KL replaced by their figures on ``set_name``."""
+    figures = entry["sets"][set_name]
+    metrics = dict(record.metrics)
+    metrics.update(perplexity=figures["perplexity"], kl=figures.get("kl"), ppl_increase_pct=figures["ppl_increase_pct"])
+    return metrics
+
+
+def verdict(record: TrialRecord, entry: Mapping[str, Any], dense: Mapping[str, Any], budgets: Budgets,
+            acc_budgets: Mapping[str, float] | None = None, dense_search_ppl: float = math.nan) -> dict[str, Any]:
+    search_ok = budgets.feasible(record.metrics, dense_search_ppl)
+    held = entry["sets"][HELDOUT]
+    reasons: list[str] = []
+    doubts: list[str] = []
+    met = " that the search met" if search_ok else ""
+    search_fig = entry["sets"].get(SEARCH, {})
+    if budgets.max_ppl_increase_pct is not None:
+        limit = budgets.max_ppl_increase_pct
+        if held["ppl_increase_pct"] > limit:
+            was = f" ({search_fig['ppl_increase_pct']:+.2f}% on the search windows)" if search_fig else ""
+            reasons.append(f"held-out perplexity {held['ppl_increase_pct']:+.2f}% breaks the +{limit:g}% budget{met}{was}")
+        elif held["ppl_increase_ci"][1] > limit:
+            doubts.append(f"held-out perplexity increase CI reaches {held['ppl_increase_ci'][1]:+.2f}% (budget +{limit:g}%)")
+    if budgets.max_kl is not None and held.get("kl") is not None:
+        if held["kl"] > budgets.max_kl:
+            reasons.append(f"held-out KL {held['kl']:.4f} breaks the {budgets.max_kl:g} budget{met}")
+        elif held["kl_ci"][1] > budgets.max_kl:
+            doubts.append(f"held-out KL CI reaches {held['kl_ci'][1]:.4f} (budget {budgets.max_kl:g})")
+    if budgets.max_size_mb is not None and record.metrics["size_mb"] > budgets.max_size_mb:
+        reasons.append(f"size {record.metrics['size_mb']:.1f} MB is over the {budgets.max_size_mb:g} MB budget")
+    for task, most in (acc_budgets or {}).items():
+        result = entry.get("tasks", {}).get(task)
+        if result is None or task not in dense.get("tasks", {}):
+            reasons.append(f"task {task} was not evaluated (run autocomp validate --tasks {task})")
+            continue
+        if result["drop_points"] > most:
+            reasons.append(f"{task} accuracy dropped {result['drop_points']:.2f} points (budget {most:g})")
+        elif "drop_ci" in result:  # paired bootstrap over documents
+            if result["drop_ci"][1] > most:
+                doubts.append(f"{task} accuracy drop CI reaches {result['drop_ci'][1]:.2f} points (budget {most:g})")
+        elif result["drop_points"] + 1.96 * 100 * math.hypot(result.get("stderr") or 0.0,
+                                                            dense["tasks"][task].get("stderr") or 0.0) > most:
+            doubts.append(f"{task} accuracy drop could reach the {most:g}-point budget within its standard error")
+    held_ok = not reasons
+    return {"search_feasible": search_ok, "heldout_feasible": held_ok, "flagged": search_ok and not held_ok,
+            "uncertain": held_ok and bool(doubts), "reasons": reasons + doubts}
+
+
+def verdicts(study: StudyRecords, validation: Mapping[str, Any], budgets: Budgets | None = None,
+             acc_budgets: Mapping[str, float] | None = None) -> dict[int, dict[str, Any]]:
+    """Verdicts of every validated trial under ``budgets`` (default: the study's)."""
+    budgets = study.spec.budgets if budgets is None else budgets
+    dense_ppl = study.dense.get("perplexity", math.nan)
+    by_number = {r.trial: r for r in study.records}
+    out = {}
+    for key, entry in validation["trials"].items():
+        record = by_number.get(int(key))
+        if record is not None and HELDOUT in entry.get("sets", {}):
+            out[record.trial] = verdict(record, entry, validation["dense"], budgets, acc_budgets, dense_ppl)
+    return out
+
+
+def recommend_validated(study: StudyRecords, validation: Mapping[str, Any], budgets: Budgets | None = None,
+                        acc_budgets: Mapping[str, float] | None = None, prefer: str = "auto"
+                        ) -> tuple[TrialRecord | None, dict[int, dict[str, Any]]]:
+    """The recommendation chosen by held-out figures, and every validated trial's verdict.
+
+    Candidates are the validated trials whose held-out figures meet the budgets; among them the
+    non-dominated ones (held-out quality, size) form the held-out front, and the usual rule
+    (:func:`autocomp.front.choose`) picks one. None when no validated trial holds on held-out data.
+    ``budgets`` None: the study's; ``acc_budgets`` None: those stored with the validation.
+    """
+    budgets = study.spec.budgets if budgets is None else budgets
+    acc_budgets = validation.get("acc_budgets", {}) if acc_budgets is None else acc_budgets
+    judged = verdicts(study, validation, budgets, acc_budgets)
+    quality = quality_objective(study.spec.objectives)
+    by_number = {r.trial: r for r in study.records}
+    held: list[TrialRecord] = []
+    for number, v in judged.items():
+        if v["heldout_feasible"]:
+            r = by_number[number]
+            held.append(TrialRecord(r.trial, heldout_metrics(r, validation["trials"][str(number)]), r.plan, r.params,
+                                    r.uniform))
+    if not held:
+        return None, judged
+    front = non_dominated([((r.metrics.get(quality, math.inf), r.metrics["size_mb"]), r) for r in held])
+    pick = choose(front, budgets, quality, prefer)
+    return by_number[pick.trial], judged
