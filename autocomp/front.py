@@ -116,7 +116,8 @@ def recommend(study: StudyRecords, budgets: Budgets | None = None, prefer: str =
 
 
 def quality_objective(objectives: Sequence[str]) -> str:
-    return objectives[0] if objectives[0] != "size_mb" else "perplexity"
+    """The objective that measures quality: the first that is not ``size_mb`` (``perplexity`` if none)."""
+    return next((name for name in objectives if name != "size_mb"), "perplexity")
 
 
 def choose(front: list[TrialRecord], budgets: Budgets, quality: str, prefer: str = "auto") -> TrialRecord:

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from autocomp.errors import ReportError
-from autocomp.front import StudyRecords, TrialRecord, find_trial
+from autocomp.front import StudyRecords, TrialRecord, find_trial, quality_objective
 from autocomp.objectives import OBJECTIVES
+from autocomp.validation import HELDOUT, SEARCH, VALIDATION_VERSION
 
-SEARCH_SET = "search"
-HELDOUT_SET = "heldout"
-VALIDATION_VERSION = 1
+SEARCH_SET, HELDOUT_SET = SEARCH, HELDOUT
 
 
 def finite(value: Any) -> float | None:
@@ -37,11 +36,6 @@ def finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-def quality_objective(objectives: Sequence[str]) -> str:
-    """The objective plotted against size: the first that is not ``size_mb`` (``perplexity`` if none)."""
-    return next((name for name in objectives if name != "size_mb"), "perplexity")
 
 
 def wants_log_axis(values: Sequence[float]) -> bool:

@@ -30,10 +30,10 @@ from autocomp.objectives import Budgets
 from autocomp.plan import CompressionPlan
 from autocomp.validation.bootstrap import (mean_interval, paired_drop_interval, paired_increase_interval,
                                           perplexity_interval)
-from autocomp.validation.sets import SEARCH, EvalSet, study_sets
+from autocomp.validation import SEARCH, VALIDATION_VERSION
+from autocomp.validation.sets import EvalSet, study_sets
 
 VALIDATION_ATTR = "autocomp_validation"
-VALIDATION_VERSION = 1
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 from autocomp.data import EVAL_SPLIT, WindowSpec, eval_source, is_named_dataset, text_windows, validate_data_ref
 from autocomp.errors import DataError
 from autocomp.spec import StudySpec
+from autocomp.validation import HELDOUT, SEARCH
 
-SEARCH, HELDOUT = "search", "heldout"
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 

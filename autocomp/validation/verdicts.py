@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from autocomp.front import StudyRecords, TrialRecord, choose, non_dominated, quality_objective
 from autocomp.objectives import Budgets
-from autocomp.validation.sets import HELDOUT, SEARCH
+from autocomp.validation import HELDOUT, SEARCH
 
 
 def heldout_metrics(record: TrialRecord, entry: Mapping[str, Any], set_name: str = HELDOUT) -> dict[str, float]:
