@@ -6,7 +6,8 @@ load what they need when called. See :mod:`autocomp.api` for the Python API.
 
 __version__ = "0.1.0"
 
-_API = ("search", "pareto", "recommend", "validate", "recommend_validated", "report", "compress", "export")
+_API = ("search", "prepare", "worker", "pareto", "recommend", "validate", "recommend_validated", "report", "compress",
+        "export")
 __all__ = ["__version__", *_API, "StudySpec", "SearchSpace", "CompressionPlan", "LayerPlan", "Budgets",
            "ValidationConfig"]
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from autocomp.errors import PlanError
+from autocomp.errors import PlanError, StudyError
 from autocomp.objectives import Budgets
 from autocomp.front import TrialRecord, find_trial, load_records, pareto_front
 from autocomp.front import recommend as _recommend
@@ -30,28 +30,66 @@ def default_study_name(spec: StudySpec) -> str:
     return f"{spec.space.name}-{model}"
 
 
+def _variant_dir(cache_dir: str | Path | None) -> Path | None:
+    from autocomp.cache import check_writable
+    from autocomp.models import cache_root
+
+    directory = None if str(cache_dir) == "none" else Path(cache_dir) if cache_dir else cache_root() / "variants"
+    if directory is not None:
+        check_writable(directory)  # before the model is loaded
+    return directory
+
+
 def search(spec: StudySpec, trials: int, storage: str | None = None, study_name: str | None = None,
            progress: bool = True, cache_bytes: int = 2 << 30, cache_dir: str | Path | None = None,
-           echo=print) -> SearchOutcome:
+           echo=print, ray=None) -> SearchOutcome:
     """Run or resume a study until it holds ``trials`` finished trials.
 
     ``cache_dir``: folder for calibrated layer variants (default ``$AUTOCOMP_CACHE/variants``;
-    ``"none"`` keeps them in memory only).
+    ``"none"`` keeps them in memory only). ``ray``: a :class:`~autocomp.study.ray_backend.RayConfig`
+    to run the trials on Ray actors (``concurrency=0``: as many as the cluster fits); None runs them here.
     """
     study_name = study_name or default_study_name(spec)
     if storage is not None:
         validate_url(storage)
     storage = storage or default_storage_url(study_name)
+    directory = _variant_dir(cache_dir)
+    if ray is not None:
+        from autocomp.study.ray_backend import run_ray
 
-    from autocomp.cache import check_writable
-    from autocomp.models import cache_root
+        return run_ray(spec, storage, study_name, trials, ray, progress=progress, echo=echo,
+                       cache_bytes=cache_bytes, cache_dir=directory)
     from autocomp.study.evaluate import TrialEvaluator
 
-    directory = None if str(cache_dir) == "none" else Path(cache_dir) if cache_dir else cache_root() / "variants"
-    if directory is not None:
-        check_writable(directory)  # before the model is loaded
     return run_local(spec, storage, study_name, trials, progress=progress, echo=echo,
                      evaluator_factory=lambda s: TrialEvaluator(s, cache_bytes=cache_bytes, cache_dir=directory))
+
+
+def prepare(spec: StudySpec, trials: int, storage: str | None = None, study_name: str | None = None,
+            cache_bytes: int = 2 << 30, cache_dir: str | Path | None = None, echo=print) -> str:
+    """Create the study (or check the stored one) with its dense figures and initial trials, run
+    nothing, and return its name: :func:`worker` processes then run its ``trials``."""
+    from autocomp.study.worker import StudyWorker
+
+    if trials < 1:
+        raise StudyError(f"--trials must be at least 1, got {trials}")
+    study_name = study_name or default_study_name(spec)
+    if storage is not None:
+        validate_url(storage)
+    storage = storage or default_storage_url(study_name)
+    StudyWorker(storage, study_name, cache_bytes=cache_bytes, cache_dir=_variant_dir(cache_dir)).prepare(
+        spec, trials, echo=echo)
+    return study_name
+
+
+def worker(storage: str, study_name: str, trials: int | None = None, progress: bool = True,
+           cache_bytes: int = 2 << 30, cache_dir: str | Path | None = None, echo=print) -> SearchOutcome:
+    """Join an existing study and run trials until it holds ``trials`` (default: its search's target)
+    finished ones; any number of workers, on any machines that reach the storage, can run at once."""
+    from autocomp.study.worker import run_worker
+
+    return run_worker(storage, study_name, trials, progress=progress, echo=echo, cache_bytes=cache_bytes,
+                      cache_dir=_variant_dir(cache_dir))
 
 
 def pareto(storage: str, study_name: str, budgets: Budgets | None = None) -> list[TrialRecord]:
@@ -78,7 +116,6 @@ def recommend_validated(storage: str, study_name: str, budgets: Budgets | None =
                         acc_budgets: dict[str, float] | None = None, prefer: str = "auto"):
     """(recommended trial or None, verdict per validated trial) by held-out figures; needs :func:`validate`.
     ``budgets`` / ``acc_budgets`` None: the study's budgets and the accuracy budgets stored with the validation."""
-    from autocomp.errors import StudyError
     from autocomp.validation.runner import load_validation
     from autocomp.validation.verdicts import recommend_validated as _by_heldout
 

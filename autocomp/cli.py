@@ -50,6 +50,22 @@ def _add_validation(p: argparse.ArgumentParser, in_search: bool) -> None:
     g.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
 
 
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where trials run (see README: cluster search)")
+    g.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: Ray actors, one model each (default: local)")
+    g.add_argument("--address", default=None, metavar="ADDR",
+                   help="Ray cluster: auto (the running one), HOST:PORT or ray://HOST:10001 (default: start a local runtime)")
+    g.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="Ray workers, i.e. trials at once (default: as many as the cluster fits)")
+    g.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C", help="CPUs (torch threads) per Ray worker")
+    g.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G", help="GPUs reserved per Ray worker")
+    g.add_argument("--max-worker-restarts", type=int, default=4, metavar="K",
+                   help="Ray workers started in place of lost ones, in all (default 4)")
+    g.add_argument("--prepare-only", action="store_true",
+                   help="create the study (dense figures, baselines) and stop: then start 'autocomp worker' processes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autocomp", description="Automated compression search for causal LMs.")
     parser.add_argument("--version", action="version", version=f"autocomp {__version__}")
@@ -94,7 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $AUTOCOMP_CACHE/variants; 'none' for memory only)")
     s.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder / hub")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_backend(s)
     _add_validation(s, in_search=True)
+
+    w = sub.add_parser("worker", help="join an existing study and run its trials (Optuna's distributed mode: "
+                                      "start any number, on any machine that reaches the storage)")
+    _add_study(w, required=True)
+    w.add_argument("--trials", type=int, default=None,
+                   help="finished trials the study should hold (default: what its search asked for)")
+    w.add_argument("--cache-mb", type=int, default=2048, help="memory for cached compressed layers (default 2048)")
+    w.add_argument("--variant-cache", default=None, metavar="DIR", help="as for search")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("pareto", help="print the feasible Pareto set of a study")
     _add_study(p, required=True)
@@ -191,10 +217,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     storage = args.storage or default_storage_url(study_name)
     validation = None if args.no_validate else _validation_config(args)  # bad validation input fails here, early
+    ray_config = _ray_config(args)
+    if args.prepare_only:
+        api.prepare(spec, args.trials, storage, study_name, cache_bytes=args.cache_mb << 20,
+                    cache_dir=args.variant_cache, echo=_stderr)
+        print(f"study {study_name!r} is ready for {args.trials} trials; start workers with:\n"
+              f"  autocomp worker --storage {mask_url(storage)} --study-name {study_name}")
+        return 0
     outcome = api.search(spec, args.trials, storage, study_name, progress=not args.no_progress,
-                         cache_bytes=args.cache_mb << 20, cache_dir=args.variant_cache, echo=_stderr)
-    print(f"{outcome.completed} completed trials ({outcome.ran} run now, {outcome.pruned} of them stopped early, "
-          f"{outcome.failed} failed now)", file=sys.stderr)
+                         cache_bytes=args.cache_mb << 20, cache_dir=args.variant_cache, echo=_stderr, ray=ray_config)
+    _print_outcome(outcome)
     _print_front(api.pareto(storage, study_name), json_out=False)
     if validation is not None and outcome.completed:
         api.validate(storage, study_name, validation, progress=not args.no_progress, echo=_stderr)
@@ -206,6 +238,44 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(f"  export it: autocomp export --storage {mask_url(storage)} --study-name {study_name} --trial {best.trial} --out OUT_DIR")
     else:
         print("\nno configuration meets the budgets yet")
+    return 0
+
+
+def _ray_config(args: argparse.Namespace):
+    """The Ray settings, or None for the local backend (Ray options without --backend ray are refused)."""
+    from autocomp.errors import ClusterError
+
+    if args.backend != "ray":
+        given = [flag for flag, value in (("--address", args.address), ("--concurrency", args.concurrency),
+                                          ("--gpus-per-trial", args.gpus_per_trial or None)) if value is not None]
+        if given:
+            raise ClusterError(f"{', '.join(given)} only apply to --backend ray")
+        return None
+    from autocomp.study.ray_backend import RayConfig
+
+    if args.prepare_only:
+        raise ClusterError("--prepare-only creates the study for 'autocomp worker' processes; leave out --backend ray")
+    return RayConfig(address=args.address, concurrency=args.concurrency or 0, cpus_per_trial=args.cpus_per_trial,
+                     gpus_per_trial=args.gpus_per_trial, max_worker_restarts=args.max_worker_restarts)
+
+
+def _print_outcome(outcome) -> None:
+    reused = f", {outcome.reused} reused an identical configuration's figures" if outcome.reused else ""
+    print(f"{outcome.completed} completed trials ({outcome.ran} run now, {outcome.pruned} of them stopped early, "
+          f"{outcome.failed} failed now{reused})", file=sys.stderr)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from autocomp import api
+
+    from autocomp.study.storage import mask_url
+
+    outcome = api.worker(args.storage, args.study_name, args.trials, progress=not args.no_progress,
+                         cache_bytes=args.cache_mb << 20, cache_dir=args.variant_cache, echo=_stderr)
+    _print_outcome(outcome)
+    where = f"--storage {mask_url(args.storage)} --study-name {args.study_name}"
+    print(f"the study is complete; validate its front and choose: autocomp validate {where}; "
+          f"autocomp recommend {where}", file=sys.stderr)
     return 0
 
 
@@ -460,9 +530,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"search": _cmd_search, "pareto": _cmd_pareto, "recommend": _cmd_recommend, "validate": _cmd_validate,
-            "report": _cmd_report, "dashboard": _cmd_dashboard, "compress": _cmd_compress, "export": _cmd_export,
-            "spaces": _cmd_spaces, "cache": _cmd_cache}
+COMMANDS = {"search": _cmd_search, "worker": _cmd_worker, "pareto": _cmd_pareto, "recommend": _cmd_recommend,
+            "validate": _cmd_validate, "report": _cmd_report, "dashboard": _cmd_dashboard, "compress": _cmd_compress,
+            "export": _cmd_export, "spaces": _cmd_spaces, "cache": _cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

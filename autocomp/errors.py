@@ -56,3 +56,7 @@ class DependencyError(AutocompError):
 
 class ReportError(AutocompError):
     """A report or dashboard cannot be written or served (folder, port, malformed stored results)."""
+
+
+class ClusterError(AutocompError):
+    """A Ray cluster cannot be reached, cannot run a trial (resources), or cannot reach the storage."""

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from autocomp.errors import StudyError, TrialNotFoundError
 from autocomp.objectives import Budgets
 from autocomp.spec import StudySpec
-from autocomp.study.local import DENSE_ATTR, SPEC_ATTR, load_existing
+from autocomp.study.prepare import DENSE_ATTR, SPEC_ATTR, load_existing
 from autocomp.study.storage import mask_url, open_storage
 
 PREFERENCES = ("auto", "size", "quality", "knee")

@@ -639,7 +639,8 @@ def _harsh_space():
 
 def test_staged_study_prunes_on_the_ppl_budget(trained_llama, tmp_path):
     from autocomp.objectives import Budgets
-    from autocomp.study.local import count_completed, run_local
+    from autocomp.study.local import run_local
+    from autocomp.study.loop import count_completed
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = _spec(trained_llama, _harsh_space(), staged_windows=4, eval_windows=WindowSpec(8, 64),

@@ -30,7 +30,7 @@ from autocomp.report.layers import NON_BLOCK, layer_grid
 from autocomp.report.page import HEATMAP_DIV
 from autocomp.space import SearchSpace
 from autocomp.spec import StudySpec
-from autocomp.study.local import DENSE_ATTR, HASH_ATTR, SPEC_ATTR
+from autocomp.study.prepare import DENSE_ATTR, HASH_ATTR, SPEC_ATTR
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -225,7 +225,8 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_models, tmp_path
 
 def test_consecutive_failures_stop_the_study_and_keep_it(tiny_models, tmp_path):
     from autocomp.errors import StudyError
-    from autocomp.study.local import MAX_CONSECUTIVE_FAILURES, run_local
+    from autocomp.study.local import run_local
+    from autocomp.study.loop import MAX_CONSECUTIVE_FAILURES
 
     url = storage_url(tmp_path / "study.db")
     spec = _spec(tiny_models["llama"])

@@ -63,7 +63,7 @@ def default_trials(study: StudyRecords) -> list[int]:
 
 
 def _study_handle(storage_url: str, study_name: str):
-    from autocomp.study.local import load_existing
+    from autocomp.study.prepare import load_existing
     from autocomp.study.storage import open_storage
 
     return load_existing(open_storage(storage_url, must_exist=True), study_name)

@@ -1,0 +1,158 @@
+"""Opening a study for work: create it (spec, dense figures, baselines) or check that it is the same one.
+
+Every backend (local, ``autocomp worker``, Ray) goes through :func:`prepare_study` once, in the process
+that has the model loaded, and then runs :func:`autocomp.study.loop.trial_loop` in each worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from autocomp import __version__
+from autocomp.errors import AutocompError, BudgetError, StudyError
+from autocomp.spec import StudySpec, spec_differences
+from autocomp.study.storage import mask_url
+
+SPEC_ATTR = "autocomp_spec"
+HASH_ATTR = "autocomp_spec_hash"
+DENSE_ATTR = "autocomp_dense"
+BASELINES_ATTR = "autocomp_baselines_enqueued"
+SENSITIVITY_ATTR = "autocomp_sensitivity"
+PINNED_ATTR = "autocomp_pinned"
+TARGET_ATTR = "autocomp_n_trials"   # the finished-trial count the latest search asked for (workers' default)
+
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def make_sampler(spec: StudySpec, evaluator=None, pinned: Mapping[str, Any] | None = None, table=None,
+                 seed: int | None = None):
+    """NSGA-II (default), multivariate TPE or level-switch mutation (``evo``, needs the evaluator's
+    targets), seeded. Budgets reach NSGA-II and TPE as per-trial constraints (``trial.set_constraint``),
+    which they read from the stored trials; ``evo`` mutates the feasible front by the stored metrics."""
+    optuna = _optuna()
+    seed = spec.seed if seed is None else seed
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if spec.sampler == "evo" and evaluator is not None:
+        from autocomp.study.evo import LevelSwitchSampler, choice_ladders, ladder_errors
+
+        dense_ppl = evaluator.dense.perplexity
+
+        def feasible(trial) -> bool:
+            metrics = trial.user_attrs.get("metrics")
+            return bool(metrics) and spec.budgets.feasible(metrics, dense_ppl)
+
+        ladders = choice_ladders(spec.space, evaluator.targets, pinned)
+        errors = ladder_errors(ladders, table) if table else None
+        return LevelSwitchSampler(ladders, feasible, seed=seed, errors=errors)
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
+
+
+def load_existing(storage, study_name: str):
+    """The study if it exists, else None."""
+    optuna = _optuna()
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return None
+
+
+def check_spec(study, spec: StudySpec) -> None:
+    stored_hash = study.user_attrs.get(HASH_ATTR)
+    if stored_hash is None:
+        raise StudyError(f"study {study.study_name!r} exists but was not created by autocomp; choose another --study-name")
+    if stored_hash != spec.digest():
+        raw = study.user_attrs.get(SPEC_ATTR, {})
+        try:  # normalise: options added since the study was stored take their defaults
+            stored = StudySpec.from_dict(raw).to_dict()
+        except (KeyError, TypeError, AutocompError):  # a spec from an incompatible version: compare raw
+            stored = raw
+        diffs = spec_differences(stored, spec.to_dict())
+        raise StudyError(
+            f"study {study.study_name!r} exists with a different specification ({'; '.join(diffs[:4]) or 'hash differs'}); "
+            "re-run with the same options to resume, or pick a new --study-name"
+        )
+
+
+def stored_spec(study) -> StudySpec:
+    """The spec a study was created with (for workers that join it without the search's options)."""
+    raw = study.user_attrs.get(SPEC_ATTR)
+    if raw is None:
+        raise StudyError(f"study {study.study_name!r} was not created by autocomp; nothing to work on")
+    try:
+        return StudySpec.from_dict(raw)
+    except (KeyError, TypeError, AutocompError) as exc:
+        raise StudyError(f"study {study.study_name!r} was stored by an incompatible autocomp version "
+                         f"({study.user_attrs.get('autocomp_version', '?')}): {exc}") from None
+
+
+def prepare_study(spec: StudySpec, storage, storage_url: str, study_name: str, evaluator, n_trials: int,
+                  echo: Callable[[str], None] = print, progress: bool = True):
+    """Create the study (or check the stored one), record the dense figures and the target, and queue
+    the initial trials once. ``evaluator`` has the model loaded. Returns the study."""
+    optuna = _optuna()
+    if spec.budgets.max_size_mb is not None:
+        floor = evaluator.min_size_mb()
+        if floor > spec.budgets.max_size_mb:
+            raise BudgetError(
+                f"--max-size-mb {spec.budgets.max_size_mb:g} cannot be met: the smallest configuration of space "
+                f"{spec.space.name!r} is {floor:.1f} MB (dense {evaluator.dense.size_mb:.1f} MB); raise the budget "
+                "or search a space with fewer bits / more sparsity (e.g. include the embedding)"
+            )
+    echo(f"study {study_name!r} in {mask_url(storage_url)} (spec {spec.digest()}); {spec.budgets.describe()}; "
+         f"dense perplexity {evaluator.dense.perplexity:.4g}, {evaluator.dense.size_mb:.1f} MB")
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=make_sampler(spec),
+                                directions=["minimize"] * len(spec.objectives), load_if_exists=True)
+    if HASH_ATTR in study.user_attrs:  # resumed, or another process created it a moment ago
+        check_spec(study, spec)
+    else:
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        study.set_user_attr(HASH_ATTR, spec.digest())
+        study.set_user_attr("autocomp_version", __version__)
+    study.set_user_attr(DENSE_ATTR, {"perplexity": evaluator.dense.perplexity, "size_mb": evaluator.dense.size_mb,
+                                     "size_bytes": evaluator.dense.size_bytes})
+    study.set_user_attr(TARGET_ATTR, n_trials)
+    if not study.user_attrs.get(BASELINES_ATTR):
+        enqueue_initial(study, spec, evaluator, echo, progress)
+    return study
+
+
+def enqueue_initial(study, spec: StudySpec, evaluator, echo: Callable[[str], None], progress: bool) -> None:
+    """First run of a study: the sensitivity pass (if asked), the uniform baselines, the seeded allocations."""
+    from autocomp.study.sensitivity import choice_label, pinned_groups, seeded_params, sensitivity_table
+
+    pinned: dict[str, dict[str, Any]] = {}
+    table = None
+    if spec.sensitivity:
+        echo("sensitivity pass: error of every group at every choice ...")
+        probe = evaluator.kl_probe() if spec.sensitivity in ("kl", "fisher") else None
+        fisher = evaluator.fisher_factors() if spec.sensitivity == "fisher" else None
+        table = sensitivity_table(spec.space, evaluator.targets, evaluator.stitcher, probe, fisher, progress=progress)
+        pinned = pinned_groups(table, spec.pin_sensitive)
+        study.set_user_attr(SENSITIVITY_ATTR, table)
+        study.set_user_attr(PINNED_ATTR, pinned)
+    baselines = spec.space.baseline_params(evaluator.targets, pinned)
+    for params in baselines:  # all of them, even beyond n_trials: a later, longer run picks them up
+        study.enqueue_trial(params, user_attrs={"baseline": True})
+    if table is not None:
+        groups = list(spec.space.groups(evaluator.targets))
+        dims = [d for d, _ in spec.space.dimensions()]
+        compressing, sizes = [], []
+        dense_total = sum(max(r["bytes"] for r in table[g].values()) for g in groups)
+        for params in baselines:
+            values = {g: {d: params[f"{g}:{d}"] for d in dims} for g in groups}
+            total = sum(table[g][choice_label(values[g])]["bytes"] for g in groups)
+            if total < dense_total:
+                compressing.append(params)
+                sizes.append(total)
+        seeded = seeded_params(spec.space, evaluator.targets, table, compressing, sizes, pinned)
+        for params in seeded:
+            study.enqueue_trial(params, user_attrs={"seeded": "sensitivity"})
+    study.set_user_attr(BASELINES_ATTR, True)
+
+
