@@ -64,9 +64,13 @@ def count_completed(study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def count_running(study) -> int:
+def trial_counts(study) -> tuple[int, int]:
+    """(finished, running) trials, from one read of the storage."""
     optuna = _optuna()
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    S = optuna.trial.TrialState
+    states = [t.state for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.RUNNING))]
+    running = states.count(S.RUNNING)
+    return len(states) - running, running
 
 
 def feasible_metrics(study, spec: StudySpec, dense_ppl: float) -> list[dict[str, float]]:
@@ -99,13 +103,13 @@ def trial_loop(study, spec: StudySpec, evaluator, n_trials: int, *, worker: str,
     try:
         while should_stop is None or not should_stop():
             recover_dead_trials(study)
-            done = count_completed(study)
+            done, running = trial_counts(study)
             if bar is not None:
                 bar.n = min(done, n_trials)
                 bar.refresh()
             if done >= n_trials:
                 break
-            if done + count_running(study) >= n_trials:
+            if done + running >= n_trials:
                 time.sleep(POLL_S)  # the rest is in other workers' hands; take over if they die
                 continue
             with warnings.catch_warnings():
@@ -152,8 +156,7 @@ def trial_loop(study, spec: StudySpec, evaluator, n_trials: int, *, worker: str,
                 point = (metrics[spec.objectives[0]], metrics["size_mb"])
                 if best is None or point[0] < best[0]:
                     best = point
-            if bar is not None:
-                bar.n = min(count_completed(study), n_trials)
+            if bar is not None:   # its count is refreshed at the top of the loop
                 if best is not None:
                     bar.set_postfix_str(f"best feasible {spec.objectives[0]}={best[0]:.4g} @ {best[1]:.1f} MB")
                 else:

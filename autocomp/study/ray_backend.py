@@ -30,7 +30,7 @@ from typing import Any, Callable
 from autocomp.errors import AutocompError, ClusterError, DependencyError, StudyError
 from autocomp.spec import StudySpec
 from autocomp.study.local import SearchOutcome, finished_already
-from autocomp.study.loop import LoopCounts, count_completed, count_running, progress_bar, say
+from autocomp.study.loop import LoopCounts, count_completed, progress_bar, say, trial_counts
 from autocomp.study.prepare import BASELINES_ATTR, TARGET_ATTR, load_existing
 from autocomp.study.recovery import fail_worker_trials
 from autocomp.study.storage import is_sqlite, mask_url, open_storage
@@ -236,7 +236,7 @@ class _Driver:
         try:
             while running:
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-                done = count_completed(study)
+                done, busy = trial_counts(study)
                 if bar is not None:
                     bar.n = min(done, n_trials)
                     bar.refresh()
@@ -263,7 +263,7 @@ class _Driver:
                             restarts -= 1
                             replacement = self.start()
                             running[self.actors[replacement].run.remote(n_trials)] = replacement
-                if done >= n_trials and running and not count_running(study):
+                if done >= n_trials and running and not busy:
                     # complete: the workers still listed are idle (they return within a poll) or were never placed
                     ready, _ = ray.wait(list(running), num_returns=len(running), timeout=DRAIN_S)
                     for ref in ready:

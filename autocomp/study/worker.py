@@ -33,7 +33,7 @@ class StudyWorker:
     def __init__(self, storage_url: str, study_name: str, *, worker: str | None = None, primary: bool = False,
                  cache_bytes: int = 2 << 30, cache_dir: str | Path | None = None,
                  evaluator_factory: Callable[[StudySpec], Any] | None = None,
-                 claim_attrs: Mapping[str, Any] | None = None) -> None:
+                 claim_attrs: Mapping[str, Any] | None = None, must_exist: bool = False) -> None:
         self.storage_url = storage_url
         self.study_name = study_name
         self.worker = worker or worker_name()
@@ -43,7 +43,7 @@ class StudyWorker:
         self._cache_dir = cache_dir
         self._factory = evaluator_factory
         self._evaluator = None
-        self._storage = open_storage(storage_url, heartbeat=True)
+        self._storage = open_storage(storage_url, must_exist=must_exist, heartbeat=True)
 
     def evaluator(self, spec: StudySpec):
         if self._evaluator is None:
@@ -96,8 +96,8 @@ def run_worker(storage_url: str, study_name: str, n_trials: int | None = None, p
     """``autocomp worker``: join the study and work until it holds its target of finished trials."""
     if n_trials is not None and n_trials < 1:
         raise StudyError(f"--trials must be at least 1, got {n_trials}")
-    open_storage(storage_url, must_exist=True)  # a mistyped SQLite path must not create an empty database
-    worker = StudyWorker(storage_url, study_name, cache_bytes=cache_bytes, cache_dir=cache_dir)
+    # must_exist: a mistyped SQLite path must not create an empty database
+    worker = StudyWorker(storage_url, study_name, cache_bytes=cache_bytes, cache_dir=cache_dir, must_exist=True)
     echo(f"worker {worker.worker} joins study {study_name!r} in {mask_url(storage_url)}")
     counts = worker.run(n_trials, progress=progress, echo=echo)
     return SearchOutcome(study_name, count_completed(worker.study()), counts.ran, counts.failed, counts.pruned,
