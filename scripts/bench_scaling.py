@@ -135,8 +135,8 @@ def projection(rows: list[dict]) -> list[str]:
         "costs 26 s (variant cache warm) to 56 s (cold) on this CPU (results/bench_trial_cost: GPTQ, 4 x 256 "
         "evaluation tokens); on a GPU it should take a few seconds (2 s below, an assumption, not a measurement). Workers share nothing but the storage and each loads the model "
         "once, so throughput is GPUs x 1 / (trial + overhead) until the storage saturates. Each trial reads the "
-        "study's trial list about five times (recovery, counts, the sampler's ask, the twin check), O(trials) rows "
-        "each: at 64 GPUs and 2 s trials that is ~160 full reads a second, which a PostgreSQL server serves for "
+        "study's trial list four times (recovery, counts, the sampler's ask, the twin check), O(trials) rows "
+        "each: at 64 GPUs and 2 s trials that is ~130 full reads a second, which a PostgreSQL server serves for "
         "studies of a few thousand trials; SQLite serialises writers and is for one machine only. The last column "
         "scales the ideal by the efficiency measured here for 2 workers, which larger clusters will not exceed.",
         "",
