@@ -73,6 +73,13 @@ def _finished(trials) -> int:
     return sum(t.state == COMPLETE for t in trials)
 
 
+def _complete(trials, n_trials: int, workers: int = 2) -> None:
+    """The study holds its target: at least ``n_trials`` finished trials, and at most ``workers - 1``
+    more (two workers that check the count at the same moment may both start the last trial: the race
+    of Optuna's own MaxTrialsCallback, documented)."""
+    assert n_trials <= _finished(trials) <= n_trials + workers - 1, [t.state for t in trials]
+
+
 def _wait_for(proc, log, predicate, what: str, timeout: float = TIMEOUT_S):
     deadline = time.monotonic() + timeout
     while True:
@@ -101,7 +108,7 @@ def _running_ray_trial(url, name, min_complete: int, node: str | None = None):
 def _check_recovered(trials, lost, n_trials: int, before: dict):
     """The study is complete, the lost trial failed with its reason and its configuration ran again,
     and every trial finished before the loss is kept as it was."""
-    assert _finished(trials) == n_trials
+    _complete(trials, n_trials)
     by_number = {t.number: t for t in trials}
     failed = by_number[lost.number]
     assert failed.state == FAIL, failed.state
@@ -123,12 +130,13 @@ def test_two_node_ray_search_completes_every_trial_once(ray_address, tiny_models
                               cwd=tmp_path, env=_env(cache_dir), stdout=fh, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
     assert proc.returncode == 0, log.read_text()[-5000:]
     trials = _trials(url, "two")
-    assert len(trials) == 14 and _finished(trials) == 14
+    _complete(trials, 14)
+    assert len(trials) == _finished(trials)
     _evaluated_once(trials)
     assert {t.user_attrs["backend"] for t in trials} == {"ray"}
     assert len({t.user_attrs["node"] for t in trials}) == 2, "both nodes ran trials"
     assert len({t.user_attrs["worker"] for t in trials}) == 2
-    assert "14 completed trials" in log.read_text()
+    assert f"{_finished(trials)} completed trials" in log.read_text()
 
 
 def test_a_ray_worker_killed_mid_trial_is_replaced_and_its_trial_retried(ray_address, tiny_models, tmp_path, cache_dir):
@@ -234,7 +242,8 @@ def test_two_workers_share_a_postgresql_study(fresh_postgres_url, tiny_models, t
         assert "***@" in err
     assert password not in prep.stdout + prep.stderr
     trials = _trials(url, "pg")
-    assert len(trials) == 10 and _finished(trials) == 10
+    _complete(trials, 10)
+    assert len(trials) == _finished(trials)
     _evaluated_once(trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2
     pareto = subprocess.run(cli_command() + ["pareto", "--storage", url, "--study-name", "pg"], cwd=tmp_path,

@@ -12,7 +12,9 @@ the same storage, which is the only thing they share:
 * a trial that raises (a layer that cannot take its plan, out of memory, NaN) is recorded as failed
   with its plan and traceback and the loop goes on; ``MAX_CONSECUTIVE_FAILURES`` in a row stop it,
   since then the configuration itself is broken;
-* Ctrl-C marks the running trial failed, queues it again, and exits; the next run picks it up.
+* Ctrl-C marks the running trial failed, queues it again, and exits; the next run picks it up;
+* a trial that another worker gave up as lost while it was still running here (a stalled process
+  whose heartbeat lapsed) is dropped with a message: its retry runs, the loop goes on.
 """
 
 from __future__ import annotations
@@ -123,6 +125,11 @@ def trial_loop(study, spec: StudySpec, evaluator, n_trials: int, *, worker: str,
             try:
                 with Heartbeat(study, trial):
                     values, metrics = _run_trial(study, trial, spec, evaluator, screen, pinned)
+                study.tell(trial, values)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                say(bar, echo, f"trial {trial.number} was given up as lost by another worker while it ran here; "
+                               "its retry stands for it")
+                continue
             except TrialPruned as stop:
                 trial.set_user_attr("pruned_reason", stop.reason)
                 trial.set_user_attr("partial_metrics", stop.partial)
@@ -148,7 +155,6 @@ def trial_loop(study, spec: StudySpec, evaluator, n_trials: int, *, worker: str,
                     raise StudyError(f"{consecutive} trials failed in a row, last: {type(exc).__name__}: {exc}; "
                                      "the study is kept; fix the cause and re-run to resume") from None
                 continue
-            study.tell(trial, values)
             consecutive = 0
             counts.ran += 1
             counts.reused += int("reused_from" in trial.user_attrs)
