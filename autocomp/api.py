@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,8 @@ def report(storage: str, study_name: str, out: str | Path) -> dict[str, Path]:
 def apply_plan(loaded, plan: CompressionPlan) -> dict:
     """Compress an already loaded model in place under ``plan``; returns the per-layer plan.
 
+    A plan with a ``student`` first builds the student from the loaded model (or reads it from the
+    student cache) and puts it in ``loaded.model``; the layer plans then compress the student.
     Calibrated plans rebuild their calibration windows from ``plan.calibration`` and use its mode
     (dense statistics, or sequential). Raises PlanError for a plan this model cannot take.
     """
@@ -152,6 +155,12 @@ def apply_plan(loaded, plan: CompressionPlan) -> dict:
     from autocomp.stitch import ModelStitcher
     from autocomp.targets import find_targets
 
+    if plan.student is not None:
+        from autocomp.students.build import build_student
+
+        student = build_student(loaded, plan.student)
+        loaded.model = student.model
+        loaded.fingerprint = f"{loaded.fingerprint}:student:{plan.student.digest()}"
     targets = find_targets(loaded.model)
     per_layer = plan.resolve([t.name for t in targets if t.in_blocks], [t.name for t in targets if not t.in_blocks])
     if not plan.needs_calibration():
@@ -190,14 +199,17 @@ def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_co
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PlanError(f"output folder {out} is not empty; choose a new folder")
     loaded = load_model(model, trust_remote_code=trust_remote_code)
+    dense_bytes = model_size(loaded.model, find_targets(loaded.model), {}).total_bytes
     per_layer = apply_plan(loaded, plan)
     size = model_size(loaded.model, find_targets(loaded.model), per_layer)
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
     plan.save(out / "plan.json")
+    size = replace(size, dense_bytes=dense_bytes)  # the ratio is to the original model (not a dense student)
     info = {"model": model, "accounted_size_bytes": size.total_bytes, "accounted_size_mb": size.size_mb,
             "dense_size_bytes": size.dense_bytes, "compression_ratio": size.compression_ratio,
+            "params": sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values()),
             "note": "weights are stored dequantized in float; accounted size is what a packed format takes"}
     info.update(provenance or {})
     (out / "autocomp.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -417,6 +417,8 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
 
 
 def _print_front(front: Sequence[Any], json_out: bool) -> None:
+    from autocomp.students.spec import describe_student
+
     if json_out:
         print(json.dumps([r.to_dict() for r in front], indent=2))
         return
@@ -427,7 +429,8 @@ def _print_front(front: Sequence[Any], json_out: bool) -> None:
         kl = m.get("kl")
         print(f"{r.trial:>5}  {m['perplexity']:>10.3f}  {m.get('ppl_increase_pct', 0):>7.2f}  "
               f"{(f'{kl:.4f}' if kl is not None else '-'):>7}  {m['size_mb']:>8.2f}  {m.get('compression_ratio', 1):>5.2f}  "
-              f"{m.get('avg_bits', 16):>5.2f}  {m.get('avg_sparsity', 0):>8.3f}  {r.uniform or ''}")
+              f"{m.get('avg_bits', 16):>5.2f}  {m.get('avg_sparsity', 0):>8.3f}  "
+              + "; ".join(x for x in (describe_student(r.plan), r.uniform or "") if x))
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:

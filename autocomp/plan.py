@@ -28,6 +28,13 @@ regular expression searched in the name (``re.search``: anchor it with ``^``/``$
 ``default`` and ``re:`` keys apply to the layers inside decoder blocks; the embedding / LM-head
 targets are only touched when ``"embeddings": true`` or when a key names them exactly. A key that
 matches no target is an error (it is almost always a typo).
+
+An optional ``"student"`` entry (a :class:`~autocomp.students.spec.StudentSpec`) first builds a smaller
+model from the original (structured pruning of depth, FFN width and heads, then knowledge
+distillation); the layer keys then name the **student's** modules, and the per-layer plans compress
+the student (hybrid compression)::
+
+    "student": {"layers": 12, "ffn": 1536, "heads": 3, "distill": {"steps": 200, "temperature": 2.0}}
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from autocomp.errors import PlanError
+from autocomp.students.spec import StudentSpec
 
 PLAN_VERSION = 1
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -229,6 +237,7 @@ class CompressionPlan:
     embeddings: bool = False
     calibration: CalibrationSpec | None = None
     version: int = PLAN_VERSION
+    student: "StudentSpec | None" = None
 
     def __post_init__(self) -> None:
         if self.version != PLAN_VERSION:
@@ -242,10 +251,11 @@ class CompressionPlan:
 
     @classmethod
     def explicit(cls, per_layer: Mapping[str, LayerPlan], calibration: CalibrationSpec | None = None,
-                 embeddings: bool = False) -> "CompressionPlan":
-        """A plan naming every layer exactly (what a search trial stores). Dense layers are omitted."""
+                 embeddings: bool = False, student: "StudentSpec | None" = None) -> "CompressionPlan":
+        """A plan naming every layer exactly (what a search trial stores). Dense layers are omitted.
+        With a ``student``, the names are the student's modules."""
         items = tuple((name, lp) for name, lp in per_layer.items() if not lp.is_dense)
-        return cls(default=None, layers=items, embeddings=embeddings, calibration=calibration)
+        return cls(default=None, layers=items, embeddings=embeddings, calibration=calibration, student=student)
 
     def _layer_plans(self) -> list[LayerPlan]:
         return [lp for _, lp in self.layers] + ([self.default] if self.default else [])
@@ -293,6 +303,8 @@ class CompressionPlan:
         out["embeddings"] = self.embeddings
         if self.calibration is not None:
             out["calibration"] = self.calibration.to_dict()
+        if self.student is not None:
+            out["student"] = self.student.to_dict()
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -305,7 +317,7 @@ class CompressionPlan:
     def from_dict(cls, data: Mapping[str, Any], where: str = "plan") -> "CompressionPlan":
         if not isinstance(data, Mapping):
             raise PlanError(f"{where}: expected a JSON object, got {type(data).__name__}")
-        allowed = ["version", "default", "layers", "embeddings", "calibration"]
+        allowed = ["version", "default", "layers", "embeddings", "calibration", "student"]
         unknown = sorted(set(data) - set(allowed))
         if unknown:
             raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}")
@@ -322,6 +334,7 @@ class CompressionPlan:
         if not isinstance(embeddings, bool):
             raise PlanError(f"{where}: 'embeddings' must be true or false")
         calib = data.get("calibration")
+        student = data.get("student")
         try:
             return cls(
                 default=LayerPlan.from_dict(default, f"{where}: default") if default is not None else None,
@@ -329,6 +342,7 @@ class CompressionPlan:
                 embeddings=embeddings,
                 calibration=CalibrationSpec.from_dict(calib) if calib is not None else None,
                 version=int(data["version"]),
+                student=StudentSpec.from_dict(student, f"{where}: student") if student is not None else None,
             )
         except PlanError as exc:
             msg = str(exc)

@@ -18,6 +18,9 @@ This module is the only caller of ``trial.suggest_*``. Format (every key but ``n
       group_size: [128]            # -1 = per output channel
       symmetric: [false]
     baselines: true                # enqueue the uniform configurations first
+    student:                       # optional: student sizes and distillation (autocomp.students.space)
+      layers: [1.0, 0.75, 0.5]
+      distill: {steps: [0, 50]}
 
 Unknown keys and bad values raise :class:`~autocomp.errors.SpaceError` naming the file, the key and
 what is allowed. A group's parameters are always suggested (the space is static, which NSGA-II
@@ -37,11 +40,12 @@ import yaml
 
 from autocomp.errors import PlanError, SpaceError
 from autocomp.plan import ALLOWED_BITS, DENSE_BITS, PER_CHANNEL, LayerPlan, compose_method, parse_nm
+from autocomp.students.space import StudentSpace, is_student_param
 from autocomp.targets import Target
 
 GRANULARITIES = ("layer", "block", "role", "uniform")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-_TOP_KEYS = ("name", "description", "targets", "granularity", "sparsity", "quantization", "baselines")
+_TOP_KEYS = ("name", "description", "targets", "granularity", "sparsity", "quantization", "baselines", "student")
 _TARGET_KEYS = ("include", "exclude", "embeddings")
 _SPARSITY_KEYS = ("methods", "levels")
 _QUANT_KEYS = ("methods", "bits", "group_size", "symmetric")
@@ -82,6 +86,7 @@ class SearchSpace:
     group_sizes: tuple[int, ...] = (128,)
     symmetric: tuple[bool, ...] = (False,)
     baselines: bool = True
+    student: StudentSpace | None = None
     source: str = field(default="", compare=False)
 
     # ---- loading -------------------------------------------------------------------------
@@ -150,11 +155,12 @@ class SearchSpace:
                 raise SpaceError(f"{where}: targets.{flag} must be true or false")
         if not isinstance(top.get("baselines", True), bool):
             raise SpaceError(f"{where}: baselines must be true or false")
+        student = StudentSpace.from_dict(top["student"], where) if top.get("student") is not None else None
         return cls(
             name=name, description=str(top.get("description", "")), include=include, exclude=exclude,
             embeddings=bool(tgt.get("embeddings", False)), granularity=gran, prune_methods=prune_methods,
             levels=tuple(levels), quant_methods=quant_methods, bits=bits, group_sizes=groups, symmetric=sym,
-            baselines=bool(top.get("baselines", True)), source=where,
+            baselines=bool(top.get("baselines", True)), student=student, source=where,
         )
 
     @classmethod
@@ -183,7 +189,7 @@ class SearchSpace:
             "quantization": {"methods": list(self.quant_methods), "bits": list(self.bits),
                              "group_size": list(self.group_sizes), "symmetric": list(self.symmetric)},
             "baselines": self.baselines,
-        }
+        } | ({"student": self.student.to_dict()} if self.student is not None else {})
 
     # ---- binding to a model --------------------------------------------------------------
     def select_targets(self, targets: Sequence[Target]) -> list[Target]:
@@ -314,17 +320,30 @@ class SearchSpace:
         for level, bits in pairs:
             values = {"sparsity": level, "prune": self.prune_methods[0], "bits": bits, "quant": self.quant_methods[0],
                       "group_size": self.group_sizes[0], "symmetric": self.symmetric[0]}
-            params = {}
+            params = self.student.params(self.student.largest_cheapest()) if self.student is not None else {}
             for group in self.groups(targets):
                 for dim in dims:
                     params[f"{group}:{dim}"] = (pinned or {}).get(group, values)[dim]
             out.append(params)
         return out
 
+    def student_sweep_params(self, targets: Sequence[Target]) -> list[dict[str, Any]]:
+        """Optuna params of one dense student per size choice (fewest non-zero distillation steps),
+        cheapest first: a first look at every size before the sampler takes over."""
+        if self.student is None or not self.baselines:
+            return []
+        dense = {"sparsity": self.levels[0], "prune": self.prune_methods[0],
+                 "bits": DENSE_BITS if DENSE_BITS in self.bits else self.bits[-1], "quant": self.quant_methods[0],
+                 "group_size": self.group_sizes[0], "symmetric": self.symmetric[0]}
+        group_params = {f"{group}:{dim}": dense[dim] for group in self.groups(targets) for dim in dict(self.dimensions())}
+        return [{**self.student.params(values), **group_params} for values in self.student.sweep_values()]
+
     def describe_uniform(self, params: Mapping[str, Any], pinned: Sequence[str] = ()) -> str | None:
         """'uniform <level> / <bits>b' when every (unpinned) group holds the same values, else None."""
         per_group: dict[str, dict[str, Any]] = {}
         for key, value in params.items():
+            if is_student_param(key):
+                continue
             group, dim = key.rsplit(":", 1)
             if group in pinned:
                 continue

@@ -61,6 +61,12 @@ class StudySpec:
         if self.staged_windows and not 2 <= self.staged_windows < self.eval_windows.count:
             raise StudyError(f"staged evaluation needs 2 <= stage-1 windows < evaluation windows ({self.eval_windows.count}), "
                              f"got {self.staged_windows}")
+        if self.space.student is not None:
+            unsupported = [name for name, on in (("--sensitivity", self.sensitivity), ("--sampler evo", self.sampler == "evo"),
+                                                 ("--calibration sequential", self.calibration_mode == "sequential")) if on]
+            if unsupported:
+                raise StudyError(f"space {self.space.name!r} searches students; {', '.join(unsupported)} work on the "
+                                 "teacher's layers only and cannot be combined with it yet: drop them or the student section")
         if self.kl_topk < 1:
             raise StudyError(f"kl_topk must be >= 1, got {self.kl_topk}")
 

@@ -35,6 +35,12 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """The folder the autouse ``isolated_cache`` points AUTOCOMP_CACHE at (for CLI subprocesses)."""
+    return tmp_path_factory.getbasetemp() / "autocomp-cache"
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "autocomp-cache"

@@ -125,12 +125,6 @@ def expected_uniform_names() -> set[str]:
 
 # ---- shared studies ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    # the same folder the autouse fixture of conftest.py points AUTOCOMP_CACHE at
-    return tmp_path_factory.getbasetemp() / "autocomp-cache"
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def study(request, tiny_models, tmp_path_factory, cache_dir):
     """One search of the mixed space per architecture, shared by the tests of this module."""

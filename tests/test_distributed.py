@@ -26,11 +26,6 @@ TIMEOUT_S = 300
 PRIVATE_RAY_PORT = 6420
 
 
-@pytest.fixture
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "autocomp-cache"
-
-
 def _env(cache_dir):
     # a cluster started with token auth off refuses nothing; Ray's own advisories stay out of the logs
     return {**cli_env(cache_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",

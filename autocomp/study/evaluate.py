@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -28,9 +28,11 @@ from autocomp.objectives import ppl_increase_pct
 from autocomp.plan import LayerPlan, summarize
 from autocomp.spec import StudySpec
 from autocomp.stitch import ModelStitcher
-from autocomp.targets import Target, find_targets
+from autocomp.targets import Target, find_decoder_blocks, find_targets
 
 if TYPE_CHECKING:
+    from autocomp.plan import CompressionPlan
+    from autocomp.students.spec import StudentSpec
     from autocomp.study.staged import Screen
 
 
@@ -61,6 +63,27 @@ class DenseMetrics:
     size_bytes: int
 
 
+@dataclass
+class StudentState:
+    """A built student held in memory with its targets and its own stitcher (for its layer plans)."""
+
+    digest: str
+    built: Any                     # autocomp.students.build.BuiltStudent
+    all_targets: list[Target]
+    targets: list[Target]          # the searched targets, named as the student's modules
+    stitcher: ModelStitcher
+    teacher_name: dict[str, str]   # student target name -> the teacher target it was built from
+
+
+def teacher_target_name(name: str, blocks_name: str, kept_layers: tuple[int, ...]) -> str:
+    """``model.layers.2.mlp.up_proj`` of a student -> the teacher's ``model.layers.<kept[2]>.mlp.up_proj``."""
+    prefix = blocks_name + "."
+    if not name.startswith(prefix):
+        return name
+    index, _, rest = name[len(prefix):].partition(".")
+    return f"{prefix}{kept_layers[int(index)]}.{rest}"
+
+
 class TrialEvaluator:
     """Everything needed to score a plan; holds the model in memory between trials."""
 
@@ -89,6 +112,14 @@ class TrialEvaluator:
         dense_size = model_size(model, self.all_targets, {})
         self.dense = DenseMetrics(self.reference.perplexity, dense_size.size_mb, dense_size.total_bytes)
         self._numels = {t.name: t.numel for t in self.targets}
+        self.current_model = model          # the model holding the last compressed plan
+        self._student: StudentState | None = None
+        self.teacher_dims: dict[str, int] = {}
+        if spec.space.student is not None:
+            from autocomp.students.prune import teacher_dims
+
+            spec.space.student.check_teacher(model.config)
+            self.teacher_dims = teacher_dims(model.config)
 
     def _space_methods(self) -> list[str]:
         space = self.spec.space
@@ -144,9 +175,56 @@ class TrialEvaluator:
         self.stitcher.apply({})
         return gradient_factors(self.loaded.model, self.targets, windows.input_ids[:max_windows], seed=self.spec.seed)
 
-    def compress(self, plan: Mapping[str, LayerPlan]):
-        """Make the in-memory model hold ``plan`` (calibrated as the study is) and return its
-        accounted :class:`~autocomp.evaluators.size.SizeReport`. ``{}`` restores the dense model."""
+    def student(self, spec: "StudentSpec") -> StudentState:
+        """The student of ``spec``, built (or read from the student cache) once and kept in memory
+        until another student is asked for."""
+        from autocomp.students.build import build_student
+
+        if self._student is not None and self._student.digest == spec.digest():
+            return self._student
+        self._student = None  # free the previous student first
+        built = build_student(self.loaded, spec, progress=False)
+        model = built.model
+        all_targets = find_targets(model)
+        blocks_name = find_decoder_blocks(model)[0]
+        teacher_name = {t.name: teacher_target_name(t.name, blocks_name, built.kept_layers) for t in all_targets}
+        searched = {t.name for t in self.targets}
+        targets = [t for t in all_targets if teacher_name[t.name] in searched]
+        stats, digest = {}, None
+        fingerprint = hashlib.sha256(f"{self.loaded.fingerprint}:student:{spec.digest()}".encode()).hexdigest()[:16]
+        if self.calib_windows is not None:
+            stats = collect_input_stats(model, targets, self.calib_windows.input_ids, hessian=self._space_needs_hessian())
+            digest = stats_digest(self.calib_windows.input_ids, fingerprint)
+        stitcher = ModelStitcher(model, all_targets, fingerprint, stats, digest,
+                                 LayerVariantCache(self.stitcher.cache.max_bytes, self.stitcher.cache.directory))
+        self._student = StudentState(spec.digest(), built, all_targets, targets, stitcher, teacher_name)
+        return self._student
+
+    def student_plan(self, per_layer: Mapping[str, LayerPlan], spec: "StudentSpec") -> dict[str, LayerPlan]:
+        """A plan over the teacher's targets carried over to the student's: each student layer takes the
+        plan of the teacher layer it was built from (a dropped block's plans go with it)."""
+        state = self.student(spec)
+        return {t.name: per_layer.get(state.teacher_name[t.name], LayerPlan()) for t in state.targets}
+
+    def compress_plan(self, plan: "CompressionPlan"):
+        """:meth:`compress` for a stored plan (a trial's): its keys resolved against the teacher's
+        targets, or against its student's when it has one."""
+        targets = self.all_targets if plan.student is None else self.student(plan.student).all_targets
+        per_layer = plan.resolve([t.name for t in targets if t.in_blocks], [t.name for t in targets if not t.in_blocks])
+        return self.compress(per_layer, plan.student)
+
+    def compress(self, plan: Mapping[str, LayerPlan], student: "StudentSpec | None" = None):
+        """Make the in-memory model (the teacher, or the ``student`` built from it) hold ``plan``
+        (calibrated as the study is) and return its accounted
+        :class:`~autocomp.evaluators.size.SizeReport`; ``current_model`` is then that model.
+        ``{}`` restores the dense teacher. With a student, ``plan`` names the student's modules."""
+        if student is not None:
+            state = self.student(student)
+            state.stitcher.apply(plan)
+            self.current_model = state.built.model
+            size = model_size(self.current_model, state.all_targets, plan)
+            return replace(size, dense_bytes=self.dense.size_bytes)
+        self.current_model = self.loaded.model
         if self.sequential and self.calib_windows is not None and any(not lp.is_dense for lp in plan.values()):
             from autocomp.sequential import compress_sequential
 
@@ -158,8 +236,10 @@ class TrialEvaluator:
             self.stitcher.apply(plan)
         return model_size(self.loaded.model, self.all_targets, plan)
 
-    def evaluate(self, plan: Mapping[str, LayerPlan], screen: "Screen | None" = None) -> dict[str, float]:
-        """Stitch ``plan`` into the model and return its metrics.
+    def evaluate(self, plan: Mapping[str, LayerPlan], screen: "Screen | None" = None,
+                 student: "StudentSpec | None" = None) -> dict[str, float]:
+        """Stitch ``plan`` into the model (or into the ``student``, ``plan`` then naming its modules)
+        and return its metrics.
 
         With a ``screen`` (staged evaluation) the size is checked first, then the first
         ``screen.config.windows`` windows are scored and checked, and only then the rest; the screen
@@ -168,24 +248,27 @@ class TrialEvaluator:
         from autocomp.study.staged import estimate
 
         t0 = time.perf_counter()
-        size = self.compress(plan)
+        size = self.compress(plan, student)
         t1 = time.perf_counter()
+        model = self.current_model
         ids, ref = self.eval_windows.input_ids, self.reference
         k = screen.config.windows if screen is not None else 0
         if screen is not None:
             screen.after_size(size.size_mb)
         if screen is not None and 2 <= k < ids.shape[0]:
-            first, _ = score_windows(self.loaded.model, ids[:k], reference=ref.subset(slice(0, k)))
+            first, _ = score_windows(model, ids[:k], reference=ref.subset(slice(0, k)))
             est = estimate(first.nll, first.tokens, first.kl, ref.nll[:k], self.dense.perplexity)
             screen.after_stage1(est, size.size_mb)
-            rest, _ = score_windows(self.loaded.model, ids[k:], reference=ref.subset(slice(k, None)))
+            rest, _ = score_windows(model, ids[k:], reference=ref.subset(slice(k, None)))
             scores = WindowScores.concat([first, rest])
         else:
-            scores, _ = score_windows(self.loaded.model, ids, reference=ref)
+            scores, _ = score_windows(model, ids, reference=ref)
         t2 = time.perf_counter()
-        searched = {n: plan.get(n, LayerPlan()) for n in self._numels}
-        summary = summarize(searched, self._numels)
-        return {
+        numels = self._numels if student is None else {t.name: t.numel for t in self._student.targets}
+        searched = {n: plan.get(n, LayerPlan()) for n in numels}
+        summary = summarize(searched, numels)
+        extra = self._student_metrics(student)
+        return extra | {
             "perplexity": scores.perplexity,
             "kl": scores.mean_kl,
             "nll": float(scores.nll.sum() / scores.tokens.sum()),
@@ -199,3 +282,15 @@ class TrialEvaluator:
             "seconds_compress": t1 - t0,
             "seconds_eval": t2 - t1,
         }
+
+    def _student_metrics(self, student: "StudentSpec | None") -> dict[str, float]:
+        """Parameters of the evaluated model and, for a student, its shape and what building it cost
+        (from the cache: what it cost when it was built, so cost-aware search sees the real price)."""
+        if student is None:
+            return {"params": float(sum(p.numel() for p in {id(p): p for p in self.loaded.model.parameters()}.values())),
+                    "student_layers": float(self.teacher_dims.get("layers", 0) or len(find_decoder_blocks(self.loaded.model)[1])),
+                    "distill_steps": 0.0, "seconds_distill": 0.0}
+        built = self._student.built
+        return {"params": float(built.n_params), "student_layers": float(len(built.kept_layers)),
+                "distill_steps": float(built.spec.distill.steps), "seconds_distill": built.seconds_distill,
+                "seconds_prune": built.seconds_prune, "student_cached": float(built.from_cache)}

@@ -209,10 +209,15 @@ def _reuse(trial, twin, spec: StudySpec, evaluator) -> tuple[list[float], dict[s
 def _run_trial(study, trial, spec: StudySpec, evaluator, screen=None, pinned=None) -> tuple[list[float], dict[str, float]]:
     start = time.perf_counter()
     per_layer = spec.space.suggest(trial, evaluator.targets, pinned)
+    student = None
+    if spec.space.student is not None:
+        student = spec.space.student.resolve(spec.space.student.suggest(trial), evaluator.teacher_dims)
+    if student is not None:  # the teacher layers' plans, carried over to the student built from them
+        per_layer = evaluator.student_plan(per_layer, student)
     # sequential mode collects no dense statistics up front, but its plans are calibrated all the same
     calibrated = bool(evaluator.stats) or getattr(evaluator, "calib_windows", None) is not None
     plan = CompressionPlan.explicit(per_layer, calibration=spec.calibration() if calibrated else None,
-                                    embeddings=any(not t.in_blocks for t in evaluator.targets))
+                                    embeddings=any(not t.in_blocks for t in evaluator.targets), student=student)
     trial.set_user_attr("plan", plan.to_dict())
     uniform = spec.space.describe_uniform(trial.params, list(pinned or {}))
     if uniform:
@@ -220,7 +225,8 @@ def _run_trial(study, trial, spec: StudySpec, evaluator, screen=None, pinned=Non
     twin = _twin(study, trial)
     if twin is not None:
         return _reuse(trial, twin, spec, evaluator)
-    metrics = evaluator.evaluate(per_layer, screen) if screen is not None else evaluator.evaluate(per_layer)
+    kwargs = {"student": student} if student is not None else {}
+    metrics = evaluator.evaluate(per_layer, screen, **kwargs) if screen is not None else evaluator.evaluate(per_layer, **kwargs)
     metrics["seconds"] = time.perf_counter() - start
     if not math.isfinite(metrics["perplexity"]):
         trial.set_user_attr("note", "perplexity overflowed: the compressed model is broken")

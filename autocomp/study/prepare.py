@@ -33,9 +33,20 @@ def make_sampler(spec: StudySpec, evaluator=None, pinned: Mapping[str, Any] | No
                  seed: int | None = None):
     """NSGA-II (default), multivariate TPE or level-switch mutation (``evo``, needs the evaluator's
     targets), seeded. Budgets reach NSGA-II and TPE as per-trial constraints (``trial.set_constraint``),
-    which they read from the stored trials; ``evo`` mutates the feasible front by the stored metrics."""
-    optuna = _optuna()
+    which they read from the stored trials; ``evo`` mutates the feasible front by the stored metrics.
+    A space with searched distillation steps wraps it in the cost-aware sampler
+    (:mod:`autocomp.students.cost`) unless ``student.cost_aware`` is false."""
     seed = spec.seed if seed is None else seed
+    student = spec.space.student
+    if student is not None and student.cost_aware and len(dict(student.all_dimensions())["steps"]) > 1:
+        from autocomp.students.cost import CostAwareSampler
+
+        return CostAwareSampler(_base_sampler(spec, seed, evaluator, pinned, table), student.cost_share)
+    return _base_sampler(spec, seed, evaluator, pinned, table)
+
+
+def _base_sampler(spec: StudySpec, seed: int, evaluator, pinned, table):
+    optuna = _optuna()
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if spec.sampler == "evo" and evaluator is not None:
@@ -139,6 +150,8 @@ def enqueue_initial(study, spec: StudySpec, evaluator, echo: Callable[[str], Non
     baselines = spec.space.baseline_params(evaluator.targets, pinned)
     for params in baselines:  # all of them, even beyond n_trials: a later, longer run picks them up
         study.enqueue_trial(params, user_attrs={"baseline": True})
+    for params in spec.space.student_sweep_params(evaluator.targets):  # every student size, cheaply, next
+        study.enqueue_trial(params, user_attrs={"seeded": "student"})
     if table is not None:
         groups = list(spec.space.groups(evaluator.targets))
         dims = [d for d, _ in spec.space.dimensions()]

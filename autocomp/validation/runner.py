@@ -167,15 +167,13 @@ def _run(records: StudyRecords, stored: dict[str, Any], sets: Sequence[EvalSet],
     if missing_tasks:
         stored["dense"]["tasks"].update(_tasks(model, tokenizer, missing_tasks, config))
     save()
-    block = [t.name for t in evaluator.all_targets if t.in_blocks]
-    other = [t.name for t in evaluator.all_targets if not t.in_blocks]
     bar = _bar(progress, len(todo))
     try:
         for number in todo:
             record = find_trial(records, number)
             t0 = time.perf_counter()
-            plan = CompressionPlan.from_dict(record.plan, where=f"trial {number} plan").resolve(block, other)
-            evaluator.compress(plan)
+            evaluator.compress_plan(CompressionPlan.from_dict(record.plan, where=f"trial {number} plan"))
+            model = evaluator.current_model  # the teacher, or the trial's student
             entry: dict[str, Any] = {"size_mb": record.metrics["size_mb"], "sets": {}, "tasks": {}}
             for s in sets:
                 scores, _ = score_windows(model, windows[s.name].input_ids, reference=references[s.name])
