@@ -10,7 +10,7 @@ windows before and after distillation. CPU forward speed is measured at the end,
 models (median of ``--repeats`` forward passes of one ``--speed-seq-len``-token window each, after
 warm-up), and reported as a speed-up over the teacher measured in the same run.
 
-    .venv/bin/python scripts/bench_students.py --steps 40
+    .venv/bin/python scripts/bench_students.py --steps 48
 
 Writes results/bench_students/table.md and summary.json. Distilled students are kept in the student
 cache (``$AUTOCOMP_CACHE/students``), so a rerun only re-measures.
@@ -82,13 +82,13 @@ def forward_ms(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: i
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--steps", type=int, default=40, help="distillation steps per student (same for all)")
+    ap.add_argument("--steps", type=int, default=48, help="distillation steps per student (same for all)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--windows", type=int, default=64, help="distillation windows (WikiText-2 validation)")
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--teacher", default="topk", choices=["topk", "online"])
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out WikiText-2 test windows")
     ap.add_argument("--eval-seq-len", type=int, default=512)

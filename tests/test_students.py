@@ -261,14 +261,22 @@ def test_joint_search_front_contains_distilled_students(tiny_models, tmp_path, c
     space_file.write_text(yaml.safe_dump(JOINT))
     db = tmp_path / "joint.db"
     proc = run_cli(["search", "--model", tiny_models["llama"], "--space", space_file, "--trials", 14,
-                    "--storage", f"sqlite:///{db}", "--study-name", "joint", "--no-validate", *SMALL],
+                    "--storage", f"sqlite:///{db}", "--study-name", "joint", *SMALL],
                    tmp_path, cache_dir)
     assert_ok(proc)
+    from autocomp.validation.runner import load_validation
+
+    validation = load_validation(f"sqlite:///{db}", "joint")   # run at the end of the search
+    rebuilt = {int(n): e["search_reproduced_rel"] for n, e in validation["trials"].items()}
     front = run_cli(["pareto", "--storage", f"sqlite:///{db}", "--study-name", "joint", "--json"], tmp_path, cache_dir)
     assert_ok(front)
     rows = json.loads(front.stdout)
     students = [r for r in rows if r["plan"].get("student")]
     assert students, "the front must contain students"
+    for r in students:  # validation rebuilt each student from its plan and scored what the search scored
+        assert rebuilt[r["trial"]] < 1e-6, (r["trial"], rebuilt[r["trial"]])
+    assert_ok(run_cli(["report", "--storage", f"sqlite:///{db}", "--study-name", "joint", "--out", tmp_path / "report"],
+                      tmp_path, cache_dir))
     study = optuna.load_study(study_name="joint", storage=f"sqlite:///{db}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 14
@@ -303,3 +311,29 @@ def test_teacher_dims_of_every_family(tiny_models):
     for arch in ARCHS:
         dims = teacher_dims(load_model(str(tiny_models[arch])).model.config)
         assert dims["layers"] == 2 and dims["heads"] == 4 and dims["ffn"] in (128, 256)
+
+
+def test_layer_plans_follow_the_teacher_blocks_a_student_keeps(tiny_models):
+    from autocomp.plan import LayerPlan
+    from autocomp.spec import StudySpec
+    from autocomp.study.evaluate import TrialEvaluator, teacher_target_name
+
+    assert teacher_target_name("model.layers.1.mlp.up_proj", "model.layers", (0, 3)) == "model.layers.3.mlp.up_proj"
+    assert teacher_target_name("model.embed_tokens", "model.layers", (0, 3)) == "model.embed_tokens"
+    space = SearchSpace.from_dict({"name": "per-layer", "granularity": "layer",
+                                   "quantization": {"methods": ["rtn"], "bits": [4, 8, 16], "group_size": [32]},
+                                   "student": {"layers": [1.0, 0.5], "distill": {"steps": [0]}}}, "per-layer")
+    evaluator = TrialEvaluator(StudySpec(model=str(tiny_models["llama"]), space=space, eval_windows=WindowSpec(2, 64)))
+    teacher_plan = {t.name: LayerPlan(method="rtn", bits=4 if t.block == 0 else 8, group_size=32)
+                    for t in evaluator.targets}
+    teacher_params = evaluator.evaluate({})["params"]
+    for importance in ("bi", "tail"):  # whichever block bi keeps, then the last one (tail)
+        student = StudentSpec(layers=1, depth_importance=importance, distill=DistillSpec(steps=0))
+        state = evaluator.student(student)
+        plan = evaluator.student_plan(teacher_plan, student)
+        kept = state.built.kept_layers[0]
+        assert set(plan) == {t.name for t in state.targets} and all(".layers.0." in n for n in plan)
+        assert {lp.bits for lp in plan.values()} == {4 if kept == 0 else 8}
+        metrics = evaluator.evaluate(plan, student=student)
+        assert metrics["student_layers"] == 1 and metrics["avg_bits"] == (4 if kept == 0 else 8)
+        assert metrics["params"] < teacher_params

@@ -51,12 +51,18 @@ class DistillSpec:
     ``hidden_weight * MSE`` between mapped hidden states (normalised by the teacher's RMS) when
     ``hidden_weight > 0``. AdamW, linear warm-up over ``warmup`` of the steps then cosine decay to 10%
     of ``lr``, gradient clipping at ``clip``. ``steps = 0`` means not distilled (pruned only).
+
+    Defaults are pure distillation at T = 1 (as Minitron found best) with a fine-tuning learning
+    rate. Measured on gemma3-270m (FFN cut to 1320, 30 steps of 2 x 256 tokens, top-256 targets):
+    held-out perplexity 44.4 pruned -> 37.7 at T=1, alpha=1, lr=5e-5, but -> 48.8 (worse) at T=2,
+    alpha=0.5; top-k targets truncate the softened teacher, more so the higher T is, so prefer
+    ``teacher: online`` for T > 1.
     """
 
     steps: int = 0
-    temperature: float = 2.0
-    alpha: float = 0.5
-    lr: float = 1e-4
+    temperature: float = 1.0
+    alpha: float = 1.0
+    lr: float = 5e-5
     batch: int = 2                 # windows per step
     seq_len: int = 256
     windows: int = 64              # distillation windows drawn from the data (reused in epochs)
