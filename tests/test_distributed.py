@@ -261,8 +261,11 @@ def test_a_trial_asking_for_gpus_the_cluster_lacks_is_refused(ray_address, tiny_
 
 def test_ctrl_c_stops_a_ray_search_cleanly_and_the_next_run_resumes(ray_address, tiny_models, tmp_path, cache_dir):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    n = 24   # enough left to run when the signal lands: with 10, a busy machine saw the search finish first
-    command, proc, log = _start_ray_search(tiny_models["llama"], url, "sigint", n, ray_address, tmp_path, cache_dir)
+    n = 10
+    # a shell running this suite in the background (`nohup ... &`) starts it with SIGINT ignored, which
+    # children inherit and Python then leaves ignored: give the search the default disposition back
+    command, proc, log = _start_ray_search(tiny_models["llama"], url, "sigint", n, ray_address, tmp_path, cache_dir,
+                                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for(proc, log, lambda: _running_ray_trial(url, "sigint", 3), "a trial ran after 3 finished")
         proc.send_signal(signal.SIGINT)
