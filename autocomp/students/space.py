@@ -25,7 +25,7 @@ axis is the teacher itself: no student is built, whatever the distillation setti
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from autocomp.errors import PlanError, SpaceError
 from autocomp.students.spec import DEPTH_IMPORTANCE, WIDTH_IMPORTANCE, DistillSpec, StudentSpec
@@ -218,6 +218,3 @@ def _absolute(value: int | float, teacher: int, multiple: int) -> int:
     size = round(value * teacher / multiple) * multiple
     return max(multiple, min(teacher, size))
 
-
-def student_values_key(values: Mapping[str, Any], names: Sequence[str] = SIZE_AXES) -> tuple:
-    return tuple(values[n] for n in names)

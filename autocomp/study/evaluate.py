@@ -113,6 +113,9 @@ class TrialEvaluator:
         self.dense = DenseMetrics(self.reference.perplexity, dense_size.size_mb, dense_size.total_bytes)
         self._numels = {t.name: t.numel for t in self.targets}
         self.current_model = model          # the model holding the last compressed plan
+        self._teacher_metrics = {"params": float(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())),
+                                 "student_layers": float(len(find_decoder_blocks(model)[1])),
+                                 "distill_steps": 0.0, "seconds_distill": 0.0}
         self._student: StudentState | None = None
         self.teacher_dims: dict[str, int] = {}
         if spec.space.student is not None:
@@ -287,9 +290,7 @@ class TrialEvaluator:
         """Parameters of the evaluated model and, for a student, its shape and what building it cost
         (from the cache: what it cost when it was built, so cost-aware search sees the real price)."""
         if student is None:
-            return {"params": float(sum(p.numel() for p in {id(p): p for p in self.loaded.model.parameters()}.values())),
-                    "student_layers": float(self.teacher_dims.get("layers", 0) or len(find_decoder_blocks(self.loaded.model)[1])),
-                    "distill_steps": 0.0, "seconds_distill": 0.0}
+            return dict(self._teacher_metrics)
         built = self._student.built
         return {"params": float(built.n_params), "student_layers": float(len(built.kept_layers)),
                 "distill_steps": float(built.spec.distill.steps), "seconds_distill": built.seconds_distill,
