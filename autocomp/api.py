@@ -49,21 +49,42 @@ def search(spec: StudySpec, trials: int, storage: str | None = None, study_name:
     ``cache_dir``: folder for calibrated layer variants (default ``$AUTOCOMP_CACHE/variants``;
     ``"none"`` keeps them in memory only). ``ray``: a :class:`~autocomp.study.ray_backend.RayConfig`
     to run the trials on Ray actors (``concurrency=0``: as many as the cluster fits); None runs them here.
+    A study that measures latency then re-measures its front end to end (:func:`remeasure`).
     """
     study_name = study_name or default_study_name(spec)
     if storage is not None:
         validate_url(storage)
     storage = storage or default_storage_url(study_name)
     directory = _variant_dir(cache_dir)
+    held: dict[str, Any] = {}
     if ray is not None:
         from autocomp.study.ray_backend import run_ray
 
-        return run_ray(spec, storage, study_name, trials, ray, progress=progress, echo=echo,
-                       cache_bytes=cache_bytes, cache_dir=directory)
-    from autocomp.study.evaluate import TrialEvaluator
+        outcome = run_ray(spec, storage, study_name, trials, ray, progress=progress, echo=echo,
+                          cache_bytes=cache_bytes, cache_dir=directory)
+    else:
+        from autocomp.study.evaluate import TrialEvaluator
 
-    return run_local(spec, storage, study_name, trials, progress=progress, echo=echo,
-                     evaluator_factory=lambda s: TrialEvaluator(s, cache_bytes=cache_bytes, cache_dir=directory))
+        def factory(s: StudySpec) -> TrialEvaluator:
+            held["evaluator"] = TrialEvaluator(s, cache_bytes=cache_bytes, cache_dir=directory)
+            return held["evaluator"]
+
+        outcome = run_local(spec, storage, study_name, trials, progress=progress, echo=echo, evaluator_factory=factory)
+    if spec.latency is not None and outcome.completed:
+        remeasure(storage, study_name, echo=echo, evaluator=held.get("evaluator"))
+    return outcome
+
+
+def remeasure(storage: str, study_name: str, echo=print, evaluator=None):
+    """Re-measure the latency of every candidate on the study's feasible front, end to end and alone,
+    until the whole front is re-measured; the figures replace the search's wherever the study is read
+    (see :mod:`autocomp.study.remeasure`). Returns a
+    :class:`~autocomp.study.remeasure.RemeasureOutcome`; run again to resume."""
+    from autocomp.study.remeasure import remeasure_front
+
+    outcome = remeasure_front(storage, study_name, evaluator=evaluator, echo=echo)
+    echo(outcome.table_error_summary)
+    return outcome
 
 
 def prepare(spec: StudySpec, trials: int, storage: str | None = None, study_name: str | None = None,
@@ -150,6 +171,12 @@ def apply_plan(loaded, plan: CompressionPlan) -> dict:
     Calibrated plans rebuild their calibration windows from ``plan.calibration`` and use its mode
     (dense statistics, or sequential). Raises PlanError for a plan this model cannot take.
     """
+    return _apply_plan(loaded, plan)[0]
+
+
+def _apply_plan(loaded, plan: CompressionPlan):
+    """:func:`apply_plan`, also returning a callable that gives every compressed layer's
+    ``CompressedWeight`` (codes, scales, masks: what packed export and kernels need)."""
     from autocomp.calibration import collect_input_stats, stats_digest
     from autocomp.data import WindowSpec, text_windows
     from autocomp.stitch import ModelStitcher
@@ -164,8 +191,9 @@ def apply_plan(loaded, plan: CompressionPlan) -> dict:
     targets = find_targets(loaded.model)
     per_layer = plan.resolve([t.name for t in targets if t.in_blocks], [t.name for t in targets if not t.in_blocks])
     if not plan.needs_calibration():
-        ModelStitcher(loaded.model, targets, loaded.fingerprint).apply(per_layer)
-        return per_layer
+        stitcher = ModelStitcher(loaded.model, targets, loaded.fingerprint)
+        stitcher.apply(per_layer)
+        return per_layer, stitcher.compressed_weights
     cal = plan.calibration
     if cal is None:
         raise PlanError("this plan uses a calibrated method but has no 'calibration' section saying which text to "
@@ -176,51 +204,77 @@ def apply_plan(loaded, plan: CompressionPlan) -> dict:
     if cal.mode == "sequential":
         from autocomp.sequential import compress_sequential
 
-        compress_sequential(loaded.model, targets, per_layer, windows.input_ids, hessian=plan.needs_hessian())
-    else:
-        stats = collect_input_stats(loaded.model, targets, windows.input_ids, hessian=plan.needs_hessian())
-        digest = stats_digest(windows.input_ids, loaded.fingerprint)
-        ModelStitcher(loaded.model, targets, loaded.fingerprint, stats, digest).apply(per_layer)
-    return per_layer
+        sink: dict = {}
+        compress_sequential(loaded.model, targets, per_layer, windows.input_ids, hessian=plan.needs_hessian(), sink=sink)
+        return per_layer, lambda: sink
+    stats = collect_input_stats(loaded.model, targets, windows.input_ids, hessian=plan.needs_hessian())
+    digest = stats_digest(windows.input_ids, loaded.fingerprint)
+    stitcher = ModelStitcher(loaded.model, targets, loaded.fingerprint, stats, digest)
+    stitcher.apply(per_layer)
+    return per_layer, stitcher.compressed_weights
+
+
+EXPORT_FORMATS = ("packed", "float")
 
 
 def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_code: bool = False,
-             provenance: dict[str, Any] | None = None) -> Path:
-    """Apply ``plan`` to ``model`` and save a folder that ``from_pretrained`` loads, with ``plan.json``.
+             provenance: dict[str, Any] | None = None, format: str = "packed", dtype: str = "float16") -> Path:
+    """Apply ``plan`` to ``model`` and save the compressed model in ``out`` with ``plan.json``.
 
-    Weights are saved as float (simulated compression): bytes on disk are not the accounted size,
-    which ``autocomp.json`` records. Raises PlanError for a plan this model cannot take.
+    ``format="packed"`` (default): one ``model.packed.safetensors`` holding packed low-bit codes, fp16
+    scales, zero points and sparse metadata, every other tensor in ``dtype`` (16-bit): bytes on disk
+    match the accounted size (:mod:`autocomp.deploy.packed_io`); :func:`autocomp.models.load_model`
+    and ``autocomp search --model OUT`` read it. ``format="float"``: the dequantized weights in float32
+    as a plain Hugging Face folder (``from_pretrained`` loads it; bytes on disk are not the accounted
+    size). ``autocomp.json`` records both. Raises PlanError for a plan this model cannot take.
     """
+    import torch
+
     from autocomp.evaluators.size import model_size
     from autocomp.models import load_model
     from autocomp.targets import find_targets
 
+    if format not in EXPORT_FORMATS:
+        raise PlanError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    if dtype not in ("float16", "bfloat16"):
+        raise PlanError(f"packed storage dtype {dtype!r} is not float16 or bfloat16 (sizes are accounted at 16 bits)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PlanError(f"output folder {out} is not empty; choose a new folder")
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     dense_bytes = model_size(loaded.model, find_targets(loaded.model), {}).total_bytes
-    per_layer = apply_plan(loaded, plan)
-    size = model_size(loaded.model, find_targets(loaded.model), per_layer)
+    per_layer, compressed = _apply_plan(loaded, plan)
+    targets = find_targets(loaded.model)
+    size = model_size(loaded.model, targets, per_layer)
     out.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(out)
+    info: dict[str, Any] = {"model": model, "format": format}
+    if format == "packed":
+        from autocomp.deploy.packed_io import save_packed
+
+        packed = save_packed(out, loaded.model, targets, compressed(), per_layer, dtype=getattr(torch, dtype))
+        info.update({"storage_dtype": dtype, "bytes_on_disk": packed.bytes_on_disk,
+                     "disk_vs_accounted_pct": 100.0 * packed.overhead})
+    else:
+        loaded.model.save_pretrained(out)
+        info["note"] = "weights are stored dequantized in float32; the accounted size is what the packed format takes"
     loaded.tokenizer.save_pretrained(out)
     plan.save(out / "plan.json")
     size = replace(size, dense_bytes=dense_bytes)  # the ratio is to the original model (not a dense student)
-    info = {"model": model, "accounted_size_bytes": size.total_bytes, "accounted_size_mb": size.size_mb,
-            "dense_size_bytes": size.dense_bytes, "compression_ratio": size.compression_ratio,
-            "params": sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values()),
-            "note": "weights are stored dequantized in float; accounted size is what a packed format takes"}
+    info.update({"accounted_size_bytes": size.total_bytes, "accounted_size_mb": size.size_mb,
+                 "dense_size_bytes": size.dense_bytes, "compression_ratio": size.compression_ratio,
+                 "params": sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())})
     info.update(provenance or {})
     (out / "autocomp.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
 
 
-def export(storage: str, study_name: str, trial: int, out: str | Path) -> Path:
+def export(storage: str, study_name: str, trial: int, out: str | Path, format: str = "packed",
+           dtype: str = "float16") -> Path:
     """Rebuild trial ``trial`` of the study from its stored plan and save it like :func:`compress`."""
     records = load_records(storage, study_name)
     record = find_trial(records, trial)
     plan = CompressionPlan.from_dict(record.plan, where=f"trial {trial} plan")
     return compress(records.spec.model, plan, out, trust_remote_code=records.spec.trust_remote_code,
-                    provenance={"study_name": study_name, "trial": trial, "metrics": record.metrics})
+                    provenance={"study_name": study_name, "trial": trial, "metrics": record.metrics},
+                    format=format, dtype=dtype)
 

@@ -47,7 +47,8 @@ def _to_tensors(cw: CompressedWeight) -> dict[str, torch.Tensor]:
         out = {"weight": cw.weight.contiguous()}
     else:
         out = {"codes": cw.quant.codes, "scales": cw.quant.scales,
-               "group_size": torch.tensor([cw.quant.group_size]), "dtype_code": torch.tensor([_dtype_code(cw.weight.dtype)])}
+               "group_size": torch.tensor([cw.quant.group_size]), "bits": torch.tensor([cw.quant.bits]),
+               "dtype_code": torch.tensor([_dtype_code(cw.weight.dtype)])}
         if cw.quant.zeros is not None:
             out["zeros"] = cw.quant.zeros
         else:
@@ -65,8 +66,15 @@ def _dtype_code(dtype: torch.dtype) -> int:
 
 
 def _from_tensors(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    return _compressed_from_tensors(t).weight
+
+
+def _compressed_from_tensors(t: dict[str, torch.Tensor]) -> CompressedWeight:
+    from autocomp.compressors.rtn import QuantizedWeight
+
+    mask = t.get("mask")
     if "weight" in t:
-        return t["weight"]
+        return CompressedWeight(t["weight"], mask, None)
     codes = t["codes"].to(torch.float32)
     in_f = codes.shape[1]
     gs = int(t["group_size"][0])
@@ -74,9 +82,11 @@ def _from_tensors(t: dict[str, torch.Tensor]) -> torch.Tensor:
     scale = t["scales"].to(torch.float32)[:, col_group]
     zero = t["zeros"].to(torch.float32)[:, col_group] if "zeros" in t else torch.full_like(scale, float(t["zero_const"][0]))
     weight = (codes - zero) * scale
-    if "mask" in t:
-        weight = torch.where(t["mask"], weight, torch.zeros((), dtype=weight.dtype))
-    return weight.to(_DTYPES[int(t["dtype_code"][0])]).contiguous()
+    if mask is not None:
+        weight = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
+    bits = int(t["bits"][0]) if "bits" in t else 0  # 0: written before bit widths were stored
+    quant = QuantizedWeight(weight.contiguous(), t["codes"], t["scales"], t.get("zeros"), bits, gs)
+    return CompressedWeight(weight.to(_DTYPES[int(t["dtype_code"][0])]).contiguous(), mask, quant)
 
 
 def check_writable(directory: Path) -> None:
@@ -124,6 +134,10 @@ class LayerVariantCache:
             self._bytes -= old.numel() * old.element_size()
 
     def _read(self, key: str) -> torch.Tensor | None:
+        cw = self._read_compressed(key)
+        return None if cw is None else cw.weight
+
+    def _read_compressed(self, key: str) -> CompressedWeight | None:
         if self.directory is None:
             return None
         path = self._path(key)
@@ -133,7 +147,7 @@ class LayerVariantCache:
         from safetensors.torch import load_file
 
         try:
-            value = _from_tensors(load_file(str(path)))
+            value = _compressed_from_tensors(load_file(str(path)))
         except (SafetensorError, OSError, KeyError, IndexError, RuntimeError):  # torn or foreign: recompute
             return None
         try:
@@ -176,6 +190,16 @@ class LayerVariantCache:
                 self._write(key, cw)
         self._remember(key, value)
         return value
+
+    def get_compressed(self, key: str, compute: Callable[[], CompressedWeight], persist: bool = True) -> CompressedWeight:
+        """The whole variant (codes, scales, mask), for packing or kernels: from disk when stored there
+        (the memory tier keeps float weights only), else ``compute()`` (stored on disk when ``persist``)."""
+        cw = self._read_compressed(key) if persist else None
+        if cw is None or (cw.quant is not None and cw.quant.bits == 0):
+            cw = compute()
+            if persist:
+                self._write(key, cw)
+        return cw
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -23,6 +23,49 @@ def _add_budgets(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-ppl-increase", type=float, metavar="PCT", help="at most PCT %% more perplexity than dense")
     g.add_argument("--max-size-mb", type=float, metavar="MB", help="at most MB megabytes (10^6 bytes)")
     g.add_argument("--max-kl", type=float, metavar="NATS", help="at most this KL to the dense model per token")
+    g.add_argument("--max-latency-ms", type=float, metavar="MS",
+                   help="at most MS milliseconds per generated token (or per prompt with --latency-metric prefill), "
+                        "measured on the deployed model with real kernels")
+    g.add_argument("--max-memory-mb", type=float, metavar="MB", help="at most MB megabytes of peak memory while running")
+
+
+def _add_export_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="packed", choices=["packed", "float"],
+                   help="packed (default): low-bit codes, scales and sparse metadata in one safetensors file, bytes "
+                        "on disk = accounted size (autocomp loads it); float: dequantized float32 weights that plain "
+                        "from_pretrained loads")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="storage dtype of the packed format's 16-bit tensors (default float16)")
+
+
+def _add_latency(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latency measurement (used by --max-latency-ms, --max-memory-mb and the "
+                             "latency_ms / memory_mb objectives)")
+    g.add_argument("--latency-device", default="cpu", choices=["cpu", "cuda"], help="device to measure on (default cpu)")
+    g.add_argument("--latency-threads", type=int, default=0, metavar="N", help="torch threads (default 0: all cores)")
+    g.add_argument("--latency-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="activation and dense-weight dtype of the deployed model (default float32)")
+    g.add_argument("--latency-batch", type=int, default=1, metavar="B", help="sequences at once (default 1)")
+    g.add_argument("--latency-prompt-len", type=int, default=128, metavar="T", help="prompt tokens (default 128)")
+    g.add_argument("--latency-new-tokens", type=int, default=16, metavar="T", help="decoded tokens timed (default 16)")
+    g.add_argument("--latency-repeats", type=int, default=5, metavar="R", help="timed repeats, median taken (default 5)")
+    g.add_argument("--latency-metric", default="decode", choices=["decode", "prefill"],
+                   help="what latency_ms is: decode ms per token (default) or prefill ms per prompt")
+    g.add_argument("--dynamic-int8", action="store_true",
+                   help="run 8-bit per-channel layers with int8 activations (fbgemm; approximate, CPU only)")
+
+
+def _latency_spec(args: argparse.Namespace, budgets, objectives: Sequence[str]):
+    """The LatencySpec when anything asks for latency (a budget or an objective), else None."""
+    from autocomp.evaluators.latency_spec import LatencySpec
+    from autocomp.objectives import LATENCY_OBJECTIVES
+
+    wanted = (budgets is not None and budgets.needs_latency) or any(o in LATENCY_OBJECTIVES for o in objectives)
+    if not wanted:
+        return None
+    return LatencySpec(device=args.latency_device, threads=args.latency_threads, dtype=args.latency_dtype,
+                       batch=args.latency_batch, prompt_len=args.latency_prompt_len, new_tokens=args.latency_new_tokens,
+                       repeats=args.latency_repeats, metric=args.latency_metric, dynamic_int8=args.dynamic_int8)
 
 
 def _add_study(p: argparse.ArgumentParser, required: bool) -> None:
@@ -79,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=int, required=True, help="number of completed trials the study should hold")
     _add_study(s, required=False)
     _add_budgets(s)
-    s.add_argument("--objectives", default="perplexity,size_mb", help="comma-separated: perplexity|kl, size_mb")
+    s.add_argument("--objectives", default="perplexity,size_mb",
+                   help="comma-separated: perplexity|kl, size_mb, latency_ms, memory_mb (default perplexity,size_mb)")
     s.add_argument("--sampler", default="nsga2", choices=["nsga2", "tpe", "evo"],
                    help="nsga2 (default), tpe, or evo: level-switch mutations of the feasible front (EvoPress), "
                         "best after --sensitivity seeding")
@@ -110,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $AUTOCOMP_CACHE/variants; 'none' for memory only)")
     s.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder / hub")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_latency(s)
     _add_backend(s)
     _add_validation(s, in_search=True)
 
@@ -160,11 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", required=True, help="plan JSON file")
     c.add_argument("--out", required=True, help="output folder (must be new or empty)")
     c.add_argument("--trust-remote-code", action="store_true")
+    _add_export_format(c)
 
+    m = sub.add_parser("measure", help="re-measure the latency of a latency study's front end to end (resumable)")
+    _add_study(m, required=True)
     e = sub.add_parser("export", help="save the compressed model of one trial")
     _add_study(e, required=True)
     e.add_argument("--trial", type=int, required=True)
     e.add_argument("--out", required=True)
+    _add_export_format(e)
 
     sub.add_parser("spaces", help="list the built-in search spaces")
 
@@ -178,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _budgets(args: argparse.Namespace, default: Any = None):
     from autocomp.objectives import Budgets
 
-    if args.max_ppl_increase is None and args.max_size_mb is None and args.max_kl is None:
+    values = (args.max_ppl_increase, args.max_size_mb, args.max_kl, args.max_latency_ms, args.max_memory_mb)
+    if all(v is None for v in values):
         return default
-    return Budgets(args.max_ppl_increase, args.max_size_mb, args.max_kl)
+    return Budgets(*values)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -201,11 +251,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.calib_data:
         validate_data_ref(args.calib_data)
     resolve_model_source(args.model)
+    objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    latency = _latency_spec(args, budgets, objectives)
+    if latency is not None:
+        latency.check_device()
     spec = StudySpec(
         model=args.model, space=space, data=args.data, calib_data=args.calib_data,
         eval_windows=WindowSpec(args.eval_windows, args.eval_seq_len),
         calib_windows=WindowSpec(args.calib_windows, args.calib_seq_len, args.seed),
-        objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()),
+        objectives=objectives, latency=latency,
         budgets=budgets, sampler=args.sampler, seed=args.seed, kl_topk=args.kl_topk, bos=args.bos,
         staged_windows=args.staged_windows, calibration_mode=args.calibration_mode,
         sensitivity={None: False, "output": True}.get(args.sensitivity, args.sensitivity),
@@ -413,7 +467,9 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
     return (f"ppl {m['perplexity']:.3f} ({m.get('ppl_increase_pct', 0):+.2f}%)  "
             + (f"kl {kl:.4f}  " if kl is not None else "")
             + f"size {m['size_mb']:.2f} MB (x{m.get('compression_ratio', 1):.2f})  "
-            f"bits {m.get('avg_bits', 16):.2f}  sparsity {m.get('avg_sparsity', 0):.3f}")
+            f"bits {m.get('avg_bits', 16):.2f}  sparsity {m.get('avg_sparsity', 0):.3f}"
+            + (f"  latency {m['latency_ms']:.3g} ms{'' if m.get('latency_remeasured') else ' (search)'}  "
+               f"memory {m.get('memory_mb', 0):.4g} MB" if "latency_ms" in m else ""))
 
 
 def _print_front(front: Sequence[Any], json_out: bool) -> None:
@@ -423,14 +479,20 @@ def _print_front(front: Sequence[Any], json_out: bool) -> None:
         print(json.dumps([r.to_dict() for r in front], indent=2))
         return
     print(f"feasible Pareto set: {len(front)} configuration(s)")
-    print(f"{'trial':>5}  {'perplexity':>10}  {'+ppl%':>7}  {'kl':>7}  {'size MB':>8}  {'ratio':>5}  {'bits':>5}  {'sparsity':>8}  note")
+    speed = any("latency_ms" in r.metrics for r in front)
+    print(f"{'trial':>5}  {'perplexity':>10}  {'+ppl%':>7}  {'kl':>7}  {'size MB':>8}  {'ratio':>5}  {'bits':>5}  {'sparsity':>8}  "
+          + (f"{'ms':>8}  {'mem MB':>7}  " if speed else "") + "note")
     for r in front:
         m = r.metrics
         kl = m.get("kl")
+        latency = (f"{m.get('latency_ms', float('nan')):>8.3g}{'' if m.get('latency_remeasured') else '*'}"
+                   f"{' ' if m.get('latency_remeasured') else ''} {m.get('memory_mb', float('nan')):>7.0f}  " if speed else "")
         print(f"{r.trial:>5}  {m['perplexity']:>10.3f}  {m.get('ppl_increase_pct', 0):>7.2f}  "
               f"{(f'{kl:.4f}' if kl is not None else '-'):>7}  {m['size_mb']:>8.2f}  {m.get('compression_ratio', 1):>5.2f}  "
-              f"{m.get('avg_bits', 16):>5.2f}  {m.get('avg_sparsity', 0):>8.3f}  "
+              f"{m.get('avg_bits', 16):>5.2f}  {m.get('avg_sparsity', 0):>8.3f}  " + latency
               + "; ".join(x for x in (describe_student(r.plan), r.uniform or "") if x))
+    if speed and not all(r.metrics.get("latency_remeasured") for r in front):
+        print("* latency from the search, not re-measured yet (autocomp measure re-measures the front)")
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
@@ -487,16 +549,34 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from autocomp.plan import CompressionPlan
 
     plan = CompressionPlan.load(args.plan)
-    out = api.compress(args.model, plan, args.out, trust_remote_code=args.trust_remote_code)
-    print(f"saved {out}")
+    out = api.compress(args.model, plan, args.out, trust_remote_code=args.trust_remote_code, format=args.format,
+                       dtype=args.dtype)
+    _print_saved(out)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from autocomp import api
 
-    out = api.export(args.storage, args.study_name, args.trial, args.out)
-    print(f"saved {out}")
+    out = api.export(args.storage, args.study_name, args.trial, args.out, format=args.format, dtype=args.dtype)
+    _print_saved(out)
+    return 0
+
+
+def _print_saved(out) -> None:
+    info = json.loads((out / "autocomp.json").read_text())
+    if info.get("format") == "packed":
+        print(f"saved {out} (packed: {info['bytes_on_disk'] / 1e6:.2f} MB on disk, accounted "
+              f"{info['accounted_size_mb']:.2f} MB, x{info['compression_ratio']:.2f} smaller than the original)")
+    else:
+        print(f"saved {out} (float weights; accounted {info['accounted_size_mb']:.2f} MB when packed)")
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from autocomp import api
+
+    api.remeasure(args.storage, args.study_name, echo=_stderr)
+    _print_front(api.pareto(args.storage, args.study_name), json_out=False)
     return 0
 
 
@@ -535,7 +615,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 COMMANDS = {"search": _cmd_search, "worker": _cmd_worker, "pareto": _cmd_pareto, "recommend": _cmd_recommend,
             "validate": _cmd_validate, "report": _cmd_report, "dashboard": _cmd_dashboard, "compress": _cmd_compress,
-            "export": _cmd_export, "spaces": _cmd_spaces, "cache": _cmd_cache}
+            "export": _cmd_export, "measure": _cmd_measure, "spaces": _cmd_spaces, "cache": _cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,11 +1,12 @@
 """Reading a study back: trial records, the feasible Pareto set, and the recommendation.
 
-Everything here reads only the storage: no model is loaded. Budgets given here replace the
+Everything here reads only the storage: no model is loaded. In a latency study, the end-to-end
+figures re-measured after the search (:mod:`autocomp.study.remeasure`) replace the search's own. Budgets given here replace the
 study's own, so ``recommend`` can answer "what if I allowed 10% instead of 5%" from stored metrics.
 
 Recommendation rule (``prefer="auto"``): with a quality budget (perplexity increase or KL), the
 smallest feasible configuration (you said how much quality you give up, so take the bytes); with
-only a size budget, the best quality that fits; with no budget, the knee of the front (the point
+only size, latency or memory budgets, the best quality that fits; with no budget, the knee of the front (the point
 nearest the utopia point after scaling each objective to [0, 1]). ``prefer`` can force ``size``,
 ``quality`` or ``knee``.
 """
@@ -20,6 +21,7 @@ from autocomp.errors import StudyError, TrialNotFoundError
 from autocomp.objectives import Budgets
 from autocomp.spec import StudySpec
 from autocomp.study.prepare import DENSE_ATTR, SPEC_ATTR, load_existing
+from autocomp.study.remeasure import REMEASURED_ATTR, overlay
 from autocomp.study.storage import mask_url, open_storage
 
 PREFERENCES = ("auto", "size", "quality", "knee")
@@ -59,10 +61,14 @@ def load_records(storage_url: str, study_name: str) -> StudyRecords:
         raise StudyError(f"study {study_name!r} was not created by autocomp")
     spec = StudySpec.from_dict(study.user_attrs[SPEC_ATTR])
     dense = study.user_attrs.get(DENSE_ATTR, {})
+    remeasured = study.user_attrs.get(REMEASURED_ATTR, {})  # end-to-end figures taken after the search
     records, failed, running = [], 0, 0
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs:
-            records.append(TrialRecord(t.number, dict(t.user_attrs["metrics"]), dict(t.user_attrs["plan"]),
+            metrics = dict(t.user_attrs["metrics"])
+            if str(t.number) in remeasured:
+                metrics = overlay(metrics, remeasured[str(t.number)])
+            records.append(TrialRecord(t.number, metrics, dict(t.user_attrs["plan"]),
                                        dict(t.params), t.user_attrs.get("uniform")))
         elif t.state == optuna.trial.TrialState.FAIL:
             failed += 1
@@ -98,6 +104,9 @@ def mark_feasible(study: StudyRecords, budgets: Budgets) -> list[TrialRecord]:
 def pareto_front(study: StudyRecords, budgets: Budgets | None = None) -> list[TrialRecord]:
     """The feasible non-dominated trials under ``budgets`` (default: the study's), sorted by size."""
     budgets = study.spec.budgets if budgets is None else budgets
+    if budgets.needs_latency and study.spec.latency is None:
+        raise StudyError(f"study {study.study_name!r} did not measure latency or memory; a latency or memory "
+                         "budget needs a study searched with one (autocomp search --max-latency-ms ...)")
     feasible = [r for r in mark_feasible(study, budgets) if r.feasible]
     objectives = study.spec.objectives
     front = non_dominated([(_values(r, objectives), r) for r in feasible])
@@ -127,7 +136,7 @@ def choose(front: list[TrialRecord], budgets: Budgets, quality: str, prefer: str
     if prefer == "auto":
         if budgets.max_ppl_increase_pct is not None or budgets.max_kl is not None:
             prefer = "size"
-        elif budgets.max_size_mb is not None:
+        elif budgets.max_size_mb is not None or budgets.needs_latency:
             prefer = "quality"
         else:
             prefer = "knee"

@@ -186,7 +186,8 @@ def model_fingerprint(folder: str, config: Any) -> str:
 
 
 def load_model(ref: str, trust_remote_code: bool = False) -> LoadedModel:
-    """Load model and tokenizer (float32, CPU, eval mode). Raises ModelLoadError with what to do."""
+    """Load model and tokenizer (float32, CPU, eval mode). Raises ModelLoadError with what to do.
+    A folder written by ``autocomp export`` in the packed format is unpacked (dequantized) on load."""
     source = resolve_model_source(ref)
     folder = local_model_folder(source)
     import torch
@@ -194,7 +195,12 @@ def load_model(ref: str, trust_remote_code: bool = False) -> LoadedModel:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        if (Path(folder) / "model.packed.safetensors").exists():  # an autocomp packed export
+            from autocomp.deploy.packed_io import load_packed
+
+            model = load_packed(folder, dtype=torch.float32)[0]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         hint = ""
         if source.kind == "hub":

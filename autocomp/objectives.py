@@ -1,11 +1,15 @@
 """Objectives and budgets: from a trial's metrics to Optuna values and constraints.
 
-Objectives are metric names, all minimised: ``perplexity``, ``kl`` (KL to the dense model) and
-``size_mb``. Budgets become Optuna constraints ``c <= 0`` (feasible):
+Objectives are metric names, all minimised: ``perplexity``, ``kl`` (KL to the dense model),
+``size_mb``, and, when the study measures latency (:mod:`autocomp.evaluators.latency`),
+``latency_ms`` and ``memory_mb``. Budgets become Optuna constraints ``c <= 0`` (feasible):
 
 * ``max_ppl_increase_pct``: ``100 * (ppl / dense_ppl - 1) - budget``;
 * ``max_size_mb``: ``size_mb - budget``;
-* ``max_kl``: ``kl - budget``.
+* ``max_kl``: ``kl - budget``;
+* ``max_latency_ms``: ``latency_ms - budget`` (decode ms per token, or prefill ms: the study's
+  latency metric);
+* ``max_memory_mb``: ``memory_mb - budget`` (peak memory of the deployed model while it runs).
 
 The same functions serve the search (constraints stored with every trial) and ``recommend``
 (re-evaluated under new budgets from the stored metrics, without running anything).
@@ -19,7 +23,9 @@ from typing import Any, Mapping
 
 from autocomp.errors import BudgetError
 
-OBJECTIVES = {"perplexity": "perplexity", "kl": "KL to dense (nats/token)", "size_mb": "size (MB)"}
+OBJECTIVES = {"perplexity": "perplexity", "kl": "KL to dense (nats/token)", "size_mb": "size (MB)",
+              "latency_ms": "latency (ms)", "memory_mb": "peak memory (MB)"}
+LATENCY_OBJECTIVES = ("latency_ms", "memory_mb")
 DEFAULT_OBJECTIVES = ("perplexity", "size_mb")
 
 
@@ -39,6 +45,8 @@ class Budgets:
     max_ppl_increase_pct: float | None = None
     max_size_mb: float | None = None
     max_kl: float | None = None
+    max_latency_ms: float | None = None
+    max_memory_mb: float | None = None
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -52,9 +60,20 @@ class Budgets:
             raise BudgetError(f"--max-size-mb must be > 0, got {self.max_size_mb}")
         if self.max_kl is not None and self.max_kl < 0:
             raise BudgetError(f"--max-kl must be >= 0, got {self.max_kl}")
+        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
+            raise BudgetError(f"--max-latency-ms must be > 0, got {self.max_latency_ms}")
+        if self.max_memory_mb is not None and self.max_memory_mb <= 0:
+            raise BudgetError(f"--max-memory-mb must be > 0, got {self.max_memory_mb}")
+
+    @property
+    def needs_latency(self) -> bool:
+        """True when a budget can only be checked by measuring the deployed model."""
+        return self.max_latency_ms is not None or self.max_memory_mb is not None
 
     def to_dict(self) -> dict[str, float | None]:
-        return asdict(self)
+        """Unset latency budgets are left out, so studies stored before they existed keep their hash."""
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in ("max_latency_ms", "max_memory_mb")}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "Budgets":
@@ -74,6 +93,10 @@ class Budgets:
         if self.max_kl is not None:
             kl = metrics.get("kl")
             out["kl"] = (kl if kl is not None else math.inf) - self.max_kl
+        if self.max_latency_ms is not None:
+            out["latency_ms"] = metrics.get("latency_ms", math.inf) - self.max_latency_ms
+        if self.max_memory_mb is not None:
+            out["memory_mb"] = metrics.get("memory_mb", math.inf) - self.max_memory_mb
         return {k: (c if math.isfinite(c) else 1e30) for k, c in out.items()}
 
     def feasible(self, metrics: Mapping[str, float], dense_ppl: float) -> bool:
@@ -87,6 +110,10 @@ class Budgets:
             parts.append(f"size <= {self.max_size_mb:g} MB")
         if self.max_kl is not None:
             parts.append(f"KL <= {self.max_kl:g}")
+        if self.max_latency_ms is not None:
+            parts.append(f"latency <= {self.max_latency_ms:g} ms")
+        if self.max_memory_mb is not None:
+            parts.append(f"memory <= {self.max_memory_mb:g} MB")
         return ", ".join(parts) or "no budgets"
 
 

@@ -98,8 +98,9 @@ def _stages(model: nn.Module, block: nn.Module, members: list[Target], hidden: t
 
 @torch.no_grad()
 def compress_sequential(model: nn.Module, targets: list[Target], plan: Mapping[str, LayerPlan],
-                        windows: torch.Tensor, hessian: bool) -> dict[str, LayerStats]:
-    """Compress ``model`` in place, block by block (see module docstring). Returns the statistics used."""
+                        windows: torch.Tensor, hessian: bool, sink: dict | None = None) -> dict[str, LayerStats]:
+    """Compress ``model`` in place, block by block (see module docstring). Returns the statistics used;
+    ``sink``, when given, receives each compressed layer's ``CompressedWeight`` by name."""
     _, blocks = find_decoder_blocks(model)
     by_block: dict[int, list[Target]] = {}
     for t in targets:
@@ -126,10 +127,12 @@ def compress_sequential(model: nn.Module, targets: list[Target], plan: Mapping[s
                 used[t.name] = stats
                 module = get_module(model, t.name)
                 try:
-                    compressed = compress_weight(read_weight(module), plan[t.name], stats).weight
+                    compressed = compress_weight(read_weight(module), plan[t.name], stats)
                 except PlanError as exc:
                     raise PlanError(f"layer {t.name}: {exc}") from None
-                write_weight(module, compressed)
+                write_weight(module, compressed.weight)
+                if sink is not None:
+                    sink[t.name] = compressed
         hidden = [_run_block(block, x, *calls[index][w]) for w, x in enumerate(hidden)]
     extra = [t for t in targets if not t.in_blocks and not plan.get(t.name, LayerPlan()).is_dense]
     if extra:
@@ -138,6 +141,9 @@ def compress_sequential(model: nn.Module, targets: list[Target], plan: Mapping[s
             module = get_module(model, t.name)
             stats = stats_extra.get(t.name)
             used[t.name] = stats
-            write_weight(module, compress_weight(read_weight(module), plan[t.name], stats).weight)
+            compressed = compress_weight(read_weight(module), plan[t.name], stats)
+            write_weight(module, compressed.weight)
+            if sink is not None:
+                sink[t.name] = compressed
     return used
 

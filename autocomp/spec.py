@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from autocomp.data import BOS_MODES, WindowSpec
 from autocomp.errors import StudyError
-from autocomp.objectives import DEFAULT_OBJECTIVES, Budgets, validate_objectives
+from autocomp.evaluators.latency_spec import LatencySpec
+from autocomp.objectives import DEFAULT_OBJECTIVES, LATENCY_OBJECTIVES, Budgets, validate_objectives
 from autocomp.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -43,9 +44,15 @@ class StudySpec:
     sensitivity: bool | str = False  # sensitivity pass: True/"output" layer-output error, "fisher" predicted KL, "kl" measured KL
     pin_sensitive: int = 0           # pin this many most sensitive groups to their most accurate choice
     trust_remote_code: bool = False
+    latency: LatencySpec | None = None  # measure the deployed model's latency and memory in every trial
 
     def __post_init__(self) -> None:
         validate_objectives(self.objectives)
+        wants = [o for o in self.objectives if o in LATENCY_OBJECTIVES] + (["a latency or memory budget"]
+                                                                           if self.budgets.needs_latency else [])
+        if wants and self.latency is None:
+            raise StudyError(f"{', '.join(wants)} needs latency measurement settings (a LatencySpec; the CLI "
+                             "makes one from --latency-device, --latency-threads, ...)")
         if self.sampler not in SAMPLERS:
             raise StudyError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.bos not in BOS_MODES:
@@ -90,6 +97,7 @@ class StudySpec:
             "sensitivity": self.sensitivity,
             "pin_sensitive": self.pin_sensitive,
             "trust_remote_code": self.trust_remote_code,
+            "latency": self.latency.to_dict() if self.latency is not None else None,
         }
 
     @classmethod
@@ -105,6 +113,7 @@ class StudySpec:
             staged_windows=data.get("staged_windows", 0), calibration_mode=data.get("calibration_mode", "dense"),
             sensitivity=data.get("sensitivity", False), pin_sensitive=data.get("pin_sensitive", 0),
             trust_remote_code=data.get("trust_remote_code", False),
+            latency=LatencySpec.from_dict(data["latency"]) if data.get("latency") else None,
         )
 
     def calibration(self) -> "CalibrationSpec":
@@ -119,7 +128,8 @@ class StudySpec:
         """Hash of the spec. Top-level options at their default value are left out, so that adding
         an option (with a default that keeps the old behaviour) does not change existing studies' hashes."""
         defaults = {"calib_data": None, "kl_topk": 128, "bos": "every", "staged_windows": 0,
-                    "calibration_mode": "dense", "sensitivity": False, "pin_sensitive": 0, "trust_remote_code": False}
+                    "calibration_mode": "dense", "sensitivity": False, "pin_sensitive": 0, "trust_remote_code": False,
+                    "latency": None}
         data = {k: v for k, v in self.to_dict().items() if not (k in defaults and v == defaults[k])}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

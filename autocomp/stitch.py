@@ -48,13 +48,29 @@ class ModelStitcher:
 
     def variant(self, name: str, plan: LayerPlan) -> torch.Tensor:
         """The compressed weight of target ``name`` under ``plan`` (cached)."""
+        return self._from_cache(self.cache.get_or_compute, name, plan)
+
+    def compressed(self, name: str, plan: LayerPlan):
+        """The whole :class:`~autocomp.compressors.apply.CompressedWeight` (codes, scales, mask) of
+        target ``name`` under ``plan``: what packed export and real kernels need."""
+        return self._from_cache(self.cache.get_compressed, name, plan)
+
+    def _from_cache(self, lookup, name: str, plan: LayerPlan):
         stats = self.stats.get(name)
         key = LayerVariantCache.key(self.fingerprint, name, plan, self.stats_digest)
         try:
-            return self.cache.get_or_compute(key, lambda: compress_weight(self.dense_weight(name), plan, stats),
-                                             persist=compressor_needs_calibration(plan.method))
+            return lookup(key, lambda: compress_weight(self.dense_weight(name), plan, stats),
+                          persist=compressor_needs_calibration(plan.method))
         except PlanError as exc:
             raise PlanError(f"layer {name}: {exc}") from None
+
+    def compressed_weights(self) -> dict:
+        """``{name: CompressedWeight}`` of every target the model holds compressed now."""
+        unknown = [n for n, lp in self._current.items() if lp is _UNKNOWN]
+        if unknown:
+            raise PlanError(f"layers {unknown[:3]} were written outside the stitcher (sequential calibration); "
+                            "take their compressed weights from compress_sequential's sink")
+        return {name: self.compressed(name, lp) for name, lp in self._current.items() if not lp.is_dense}
 
     def apply(self, plan: Mapping[str, LayerPlan]) -> int:
         """Make the model hold ``plan`` (missing names: dense). Returns how many layers were rewritten."""

@@ -825,7 +825,7 @@ def test_sequential_study_and_export(tiny_models, tmp_path):
     eval_ids = text_windows(lm.tokenizer, source, split, spec.eval_windows, random=False, bos=spec.bos).input_ids
     dense_ppl = score_windows(lm.model, eval_ids)[0].perplexity
     for t in compressed[:2]:
-        out = api.export(url, "seq", t.number, tmp_path / f"export-{t.number}")
+        out = api.export(url, "seq", t.number, tmp_path / f"export-{t.number}", format="float")
         exported = load_model(str(out))
         ppl = score_windows(exported.model, eval_ids)[0].perplexity
         stored = t.user_attrs["metrics"]["perplexity"]

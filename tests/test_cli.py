@@ -345,8 +345,8 @@ def test_export_reproduces_the_trial(study, tmp_path):
 
     records, record = _pick_trial(study.url)
     out = tmp_path / "export"
-    proc = run_cli(["export", "--storage", study.url, "--study-name", STUDY, "--trial", record.trial, "--out", out],
-                   tmp_path, study.cache)
+    proc = run_cli(["export", "--storage", study.url, "--study-name", STUDY, "--trial", record.trial, "--out", out,
+                    "--format", "float"], tmp_path, study.cache)
     assert_ok(proc)
     assert (out / "config.json").exists() and (out / "plan.json").exists()
     assert CompressionPlan.load(out / "plan.json").to_dict() == record.plan
@@ -386,7 +386,8 @@ def test_export_reproduces_the_trial(study, tmp_path):
 
     # compress with the plan written beside the weights gives the same weights
     out2 = tmp_path / "compressed"
-    proc = run_cli(["compress", "--model", study.model, "--plan", out / "plan.json", "--out", out2], tmp_path, study.cache)
+    proc = run_cli(["compress", "--model", study.model, "--plan", out / "plan.json", "--out", out2, "--format", "float"],
+                   tmp_path, study.cache)
     assert_ok(proc)
     again = _load_weights(out2)
     assert set(again) == set(weights)
@@ -398,6 +399,35 @@ def test_export_reproduces_the_trial(study, tmp_path):
     proc = run_main(["export", "--storage", study.url, "--study-name", STUDY, "--trial", record.trial, "--out", out])
     assert "not empty" in assert_one_line_error(proc)
     assert _load_weights(out).keys() == weights.keys()
+
+
+def test_packed_export_matches_accounted_size_and_reloads(study, tmp_path):
+    """The default export stores packed codes: bytes on disk within 2% of the accounted size, and the
+    reloaded model scores what the trial scored (up to the 16-bit storage of its other tensors)."""
+    from autocomp.deploy.packed_io import PACKED_FILE
+    from autocomp.evaluators.quality import score_windows
+    from autocomp.models import load_model
+    from autocomp.study.evaluate import TrialEvaluator
+
+    records, record = _pick_trial(study.url)
+    out = tmp_path / "packed"
+    proc = run_cli(["export", "--storage", study.url, "--study-name", STUDY, "--trial", record.trial, "--out", out],
+                   tmp_path, study.cache)
+    assert_ok(proc)
+    assert "on disk" in proc.stdout
+    info = json.loads((out / "autocomp.json").read_text())
+    assert info["format"] == "packed" and info["accounted_size_bytes"] == record.metrics["size_bytes"]
+    on_disk = (out / PACKED_FILE).stat().st_size
+    assert on_disk == info["bytes_on_disk"]
+    assert not list(out.glob("model*.safetensors"))[1:], "only the packed file holds weights"
+    # the tiny model's safetensors header is a few KB: the bound is loose here, tight on real models
+    assert abs(on_disk - record.metrics["size_bytes"]) <= 0.02 * record.metrics["size_bytes"] + 16_384
+    exported = load_model(str(out))
+    evaluator = TrialEvaluator(records.spec)
+    windows = evaluator.eval_windows.input_ids
+    scores, _ = score_windows(exported.model, windows)
+    assert scores.perplexity == pytest.approx(record.metrics["perplexity"], rel=2e-3)
+    assert scores.perplexity != pytest.approx(evaluator.dense.perplexity, rel=1e-4)
 
 
 # ---- changed spec / infeasible budget ------------------------------------------------------------

@@ -292,9 +292,9 @@ def test_joint_search_front_contains_distilled_students(tiny_models, tmp_path, c
     out = tmp_path / "export"
     assert_ok(run_cli(["export", "--storage", f"sqlite:///{db}", "--study-name", "joint", "--trial", number,
                        "--out", out], tmp_path, cache_dir))
-    from transformers import AutoModelForCausalLM
+    from autocomp.models import load_model
 
-    exported = AutoModelForCausalLM.from_pretrained(out)
+    exported = load_model(str(out)).model   # the packed format: the student's config, its layers packed
     spec = CompressionPlan.from_dict(json.loads((out / "plan.json").read_text())).student
     assert exported.config.num_hidden_layers == spec.layers
     assert exported.config.intermediate_size == spec.ffn
@@ -304,7 +304,8 @@ def test_joint_search_front_contains_distilled_students(tiny_models, tmp_path, c
     ids = text_windows(tok, "wikitext2", "test", WindowSpec(4, 64), random=False).input_ids
     scores, _ = score_windows(exported, ids)
     record = next(t for t in done if t.number == number)
-    assert scores.perplexity == pytest.approx(record.user_attrs["metrics"]["perplexity"], rel=1e-4)
+    # packed: the student's norms and dense layers are stored in float16, hence a tolerance
+    assert scores.perplexity == pytest.approx(record.user_attrs["metrics"]["perplexity"], rel=2e-3)
 
 
 def test_teacher_dims_of_every_family(tiny_models):

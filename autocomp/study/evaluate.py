@@ -117,6 +117,12 @@ class TrialEvaluator:
                                  "student_layers": float(len(find_decoder_blocks(model)[1])),
                                  "distill_steps": 0.0, "seconds_distill": 0.0}
         self._student: StudentState | None = None
+        self._current_targets, self._current_plan, self._sequential_weights = self.all_targets, {}, {}
+        self.latency = None
+        if spec.latency is not None:
+            from autocomp.deploy.measure import LatencyEvaluator
+
+            self.latency = LatencyEvaluator(spec.latency, spec.budgets, model, self.all_targets, cache_root() / "latency")
         self.teacher_dims: dict[str, int] = {}
         if spec.space.student is not None:
             from autocomp.students.prune import teacher_dims
@@ -221,23 +227,47 @@ class TrialEvaluator:
         (calibrated as the study is) and return its accounted
         :class:`~autocomp.evaluators.size.SizeReport`; ``current_model`` is then that model.
         ``{}`` restores the dense teacher. With a student, ``plan`` names the student's modules."""
+        self._current_plan = dict(plan)
         if student is not None:
             state = self.student(student)
             state.stitcher.apply(plan)
             self.current_model = state.built.model
+            self._current_targets = state.all_targets
             size = model_size(self.current_model, state.all_targets, plan)
             return replace(size, dense_bytes=self.dense.size_bytes)
         self.current_model = self.loaded.model
+        self._current_targets, self._sequential_weights = self.all_targets, {}
         if self.sequential and self.calib_windows is not None and any(not lp.is_dense for lp in plan.values()):
             from autocomp.sequential import compress_sequential
 
             changed = [n for n, lp in plan.items() if not lp.is_dense]
             self.stitcher.prepare_external_write(changed)
             compress_sequential(self.loaded.model, self.all_targets, plan, self.calib_windows.input_ids,
-                                hessian=self._space_needs_hessian())
+                                hessian=self._space_needs_hessian(), sink=self._sequential_weights)
         else:
             self.stitcher.apply(plan)
         return model_size(self.loaded.model, self.all_targets, plan)
+
+    def compressed_weights(self) -> dict:
+        """``{target: CompressedWeight}`` (codes, scales, masks) of the model :meth:`compress` made last."""
+        if self._sequential_weights:
+            return dict(self._sequential_weights)
+        stitcher = self._student.stitcher if self.current_model is not self.loaded.model else self.stitcher
+        return stitcher.compressed_weights()
+
+    def current(self) -> tuple[Any, list[Target], dict[str, LayerPlan]]:
+        """(model, all its targets, per-layer plan) as :meth:`compress` left them."""
+        return self.current_model, self._current_targets, dict(self._current_plan)
+
+    def latency_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Latency and memory of the current model (:class:`~autocomp.deploy.measure.LatencyEvaluator`);
+        a candidate already over a quality or size budget is not measured, only predicted."""
+        if self.latency is None:
+            return {}
+        quality_budgets = replace(self.spec.budgets, max_latency_ms=None, max_memory_mb=None)
+        infeasible = not quality_budgets.feasible(metrics, self.dense.perplexity)
+        model, targets, plan = self.current()
+        return self.latency.trial_metrics(model, targets, plan, self.compressed_weights, infeasible)
 
     def evaluate(self, plan: Mapping[str, LayerPlan], screen: "Screen | None" = None,
                  student: "StudentSpec | None" = None) -> dict[str, float]:
@@ -271,7 +301,7 @@ class TrialEvaluator:
         searched = {n: plan.get(n, LayerPlan()) for n in numels}
         summary = summarize(searched, numels)
         extra = self._student_metrics(student)
-        return extra | {
+        metrics = extra | {
             "perplexity": scores.perplexity,
             "kl": scores.mean_kl,
             "nll": float(scores.nll.sum() / scores.tokens.sum()),
@@ -285,6 +315,10 @@ class TrialEvaluator:
             "seconds_compress": t1 - t0,
             "seconds_eval": t2 - t1,
         }
+        if self.latency is not None:
+            metrics |= self.latency_metrics(metrics)
+            metrics["seconds_latency"] = time.perf_counter() - t2
+        return metrics
 
     def _student_metrics(self, student: "StudentSpec | None") -> dict[str, float]:
         """Parameters of the evaluated model and, for a student, its shape and what building it cost

@@ -115,8 +115,11 @@ def prepare_study(spec: StudySpec, storage, storage_url: str, study_name: str, e
                 f"{spec.space.name!r} is {floor:.1f} MB (dense {evaluator.dense.size_mb:.1f} MB); raise the budget "
                 "or search a space with fewer bits / more sparsity (e.g. include the embedding)"
             )
+    latency = evaluator.latency.dense_metrics() if getattr(evaluator, "latency", None) is not None else {}
+    speed = (f", {latency['latency_ms']:.4g} ms ({spec.latency.metric}), {latency['memory_mb']:.0f} MB peak"
+             if latency else "")
     echo(f"study {study_name!r} in {mask_url(storage_url)} (spec {spec.digest()}); {spec.budgets.describe()}; "
-         f"dense perplexity {evaluator.dense.perplexity:.4g}, {evaluator.dense.size_mb:.1f} MB")
+         f"dense perplexity {evaluator.dense.perplexity:.4g}, {evaluator.dense.size_mb:.1f} MB{speed}")
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=make_sampler(spec),
                                 directions=["minimize"] * len(spec.objectives), load_if_exists=True)
     if HASH_ATTR in study.user_attrs:  # resumed, or another process created it a moment ago
@@ -126,7 +129,7 @@ def prepare_study(spec: StudySpec, storage, storage_url: str, study_name: str, e
         study.set_user_attr(HASH_ATTR, spec.digest())
         study.set_user_attr("autocomp_version", __version__)
     study.set_user_attr(DENSE_ATTR, {"perplexity": evaluator.dense.perplexity, "size_mb": evaluator.dense.size_mb,
-                                     "size_bytes": evaluator.dense.size_bytes})
+                                     "size_bytes": evaluator.dense.size_bytes, **latency})
     study.set_user_attr(TARGET_ATTR, n_trials)
     if not study.user_attrs.get(BASELINES_ATTR):
         enqueue_initial(study, spec, evaluator, echo, progress)

@@ -8,8 +8,8 @@ lost):
 
 * ``search_feasible``: the search figures meet ``B`` (what the search believed);
 * ``heldout_feasible``: the held-out figures meet ``B`` (perplexity increase against the dense
-  model on the same held-out windows, KL on them, the size) and every task of ``A`` lost at most
-  its points;
+  model on the same held-out windows, KL on them, the size; latency and memory as re-measured after
+  the search) and every task of ``A`` lost at most its points;
 * ``flagged``: the search figures met ``B`` but the held-out ones do not;
 * ``uncertain``: held-out feasible, but the upper end of a bootstrap interval breaks a budget.
 """
@@ -54,6 +54,11 @@ def verdict(record: TrialRecord, entry: Mapping[str, Any], dense: Mapping[str, A
             doubts.append(f"held-out KL CI reaches {held['kl_ci'][1]:.4f} (budget {budgets.max_kl:g})")
     if budgets.max_size_mb is not None and record.metrics["size_mb"] > budgets.max_size_mb:
         reasons.append(f"size {record.metrics['size_mb']:.1f} MB is over the {budgets.max_size_mb:g} MB budget")
+    measured = " (re-measured)" if record.metrics.get("latency_remeasured") else " (as searched)"
+    for name, limit, unit in (("latency_ms", budgets.max_latency_ms, "ms"), ("memory_mb", budgets.max_memory_mb, "MB")):
+        if limit is not None and record.metrics.get(name, math.inf) > limit:
+            reasons.append(f"{name.split('_')[0]} {record.metrics.get(name, math.inf):.4g} {unit}{measured} is over "
+                           f"the {limit:g} {unit} budget")
     for task, most in (acc_budgets or {}).items():
         result = entry.get("tasks", {}).get(task)
         if result is None or task not in dense.get("tasks", {}):

@@ -1,0 +1,66 @@
+"""How a study measures latency: device, threads, shapes, repeats (no torch import here)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from autocomp.errors import BudgetError
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+METRICS = ("decode", "prefill")
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    """How latency is measured; part of a study's specification when latency is searched."""
+
+    device: str = "cpu"
+    threads: int = 0               # 0: torch's default (all cores)
+    dtype: str = "float32"         # activations and dense weights
+    batch: int = 1
+    prompt_len: int = 128
+    new_tokens: int = 16
+    warmup: int = 1
+    repeats: int = 5
+    metric: str = "decode"         # latency_ms is decode ms/token, or prefill ms
+    dynamic_int8: bool = False     # run 8-bit per-channel layers with int8 activations (approximate)
+    margin: float = 0.25           # skip measuring when the table predicts > budget * (1 + margin)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise BudgetError(f"latency device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise BudgetError(f"latency dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.metric not in METRICS:
+            raise BudgetError(f"latency metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        for name in ("batch", "prompt_len", "new_tokens", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BudgetError(f"latency {name} must be a positive integer, got {value!r}")
+        if self.warmup < 0 or self.threads < 0:
+            raise BudgetError("latency warmup and threads must be >= 0")
+        if not 0 <= self.margin <= 10:
+            raise BudgetError(f"latency margin must be in [0, 10], got {self.margin}")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "LatencySpec":
+        return cls(**{k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__})
+
+    def check_device(self) -> None:
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BudgetError("latency device 'cuda' was asked for but torch sees no CUDA device here; "
+                              "use --latency-device cpu or run on a machine with a GPU")
