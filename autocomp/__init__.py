@@ -7,9 +7,9 @@ load what they need when called. See :mod:`autocomp.api` for the Python API.
 __version__ = "0.1.0"
 
 _API = ("search", "prepare", "worker", "pareto", "recommend", "validate", "recommend_validated", "report", "compress",
-        "export")
+        "export", "remeasure", "load_deployed")
 __all__ = ["__version__", *_API, "StudySpec", "SearchSpace", "CompressionPlan", "LayerPlan", "Budgets",
-           "ValidationConfig"]
+           "ValidationConfig", "LatencySpec"]
 
 
 def __getattr__(name: str):
@@ -37,4 +37,8 @@ def __getattr__(name: str):
         from autocomp.objectives import Budgets
 
         return Budgets
+    if name == "LatencySpec":
+        from autocomp.evaluators.latency_spec import LatencySpec
+
+        return LatencySpec
     raise AttributeError(f"module 'autocomp' has no attribute {name!r}")

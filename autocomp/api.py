@@ -268,6 +268,28 @@ def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_co
     return out
 
 
+def load_deployed(folder: str | Path, device: str = "cpu", dtype: str = "float32", dynamic_int8: bool = False):
+    """A packed export (:func:`compress` / :func:`export`) as a deployment runs it: ``(model, report)``,
+    the model on ``device`` in ``dtype`` with its compressed layers on real kernels where the device
+    has them (``report``: a :class:`~autocomp.deploy.kernels.MaterializeReport` listing every layer's
+    kernel, or why it has none). Raises PackedFormatError for a folder that is not a packed export."""
+    import torch
+
+    from autocomp.deploy.kernels import materialize
+    from autocomp.deploy.packed_io import load_packed
+    from autocomp.evaluators.latency_spec import LatencySpec
+    from autocomp.targets import find_targets
+
+    LatencySpec(device=device, dtype=dtype).check_device()  # validates both, with the usual messages
+    model, compressed, plans = load_packed(folder, dtype=torch.float32)
+    torch_dtype = getattr(torch, dtype)
+    model = model.to(device=device, dtype=torch_dtype)
+    kept = {name: cw for name, cw in compressed.items() if not plans[name].is_dense}
+    report = materialize(model, find_targets(model), kept, {n: plans[n] for n in kept}, device=device,
+                         dtype=torch_dtype, dynamic_int8=dynamic_int8)
+    return model.eval(), report
+
+
 def export(storage: str, study_name: str, trial: int, out: str | Path, format: str = "packed",
            dtype: str = "float16") -> Path:
     """Rebuild trial ``trial`` of the study from its stored plan and save it like :func:`compress`."""

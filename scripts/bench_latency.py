@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from autocomp.data import WindowSpec, text_windows  # noqa: E402
 from autocomp.deploy.latency_table import LatencyModel, LatencyTable  # noqa: E402
-from autocomp.deploy.measure import deployable_copy, kernel_summary, no_kernel_reasons  # noqa: E402
+from autocomp.deploy.measure import deployable_copy, kernel_summary  # noqa: E402
 from autocomp.evaluators.latency import measure_latency  # noqa: E402
 from autocomp.evaluators.latency_spec import LatencySpec  # noqa: E402
 from autocomp.evaluators.quality import score_windows  # noqa: E402
@@ -165,7 +165,7 @@ def main() -> int:
                "predicted_decode_ms": predicted.decode_ms, "predicted_prefill_ms": predicted.prefill_ms,
                "decode_error_pct": 100.0 * (predicted.decode_ms - result.decode.median) / result.decode.median,
                "prefill_error_pct": 100.0 * (predicted.prefill_ms - result.prefill.median) / result.prefill.median,
-               "heldout_ppl": ppl, **kernel_summary(report), "no_kernel": no_kernel_reasons(report),
+               "heldout_ppl": ppl, **kernel_summary(report), "no_kernel": report.reasons(),
                "settings": result.settings, "wall_s": time.perf_counter() - t0}
         rows.append(row)
         print(f"{label}: prefill {row['prefill_ms']:.0f} ms, decode {row['decode_ms']:.1f} ms/token, "

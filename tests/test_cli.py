@@ -403,7 +403,10 @@ def test_export_reproduces_the_trial(study, tmp_path):
 
 def test_packed_export_matches_accounted_size_and_reloads(study, tmp_path):
     """The default export stores packed codes: bytes on disk within 2% of the accounted size, and the
-    reloaded model scores what the trial scored (up to the 16-bit storage of its other tensors)."""
+    reloaded model scores what the trial scored (up to the 16-bit storage of its other tensors).
+    (GPT-2's Conv1D layers are packed and reloaded in test_packed.py; one architecture suffices here.)"""
+    if study.arch != "llama":
+        pytest.skip("one architecture end to end is enough; every format and architecture: test_packed.py")
     from autocomp.deploy.packed_io import PACKED_FILE
     from autocomp.evaluators.quality import score_windows
     from autocomp.models import load_model

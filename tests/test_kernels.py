@@ -394,3 +394,22 @@ def test_dynamic_int8_model_is_close(tiny_models):
     with torch.no_grad():
         ref, out = model(input_ids=ids).logits, deployed(input_ids=ids).logits
     assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_a_packed_export_loads_onto_kernels(tiny_models, tmp_path):
+    """``autocomp.load_deployed``: a packed folder straight onto real kernels, same logits as the
+    simulated model it was exported from (bf16 compute), the layers without a kernel listed."""
+    import autocomp
+    from autocomp.deploy.packed_io import save_packed
+    from autocomp.errors import AutocompError
+
+    lm, targets, plans, compressed = _compressed_model(tiny_models["gemma3"], "gemma3")
+    save_packed(tmp_path / "packed", lm.model, targets, compressed, plans, dtype=torch.float32)
+    deployed, report = autocomp.load_deployed(tmp_path / "packed")
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _close(deployed(input_ids=ids).logits, lm.model(input_ids=ids).logits, rel=3e-2)
+    assert "int4_weight_only" in {c.kernel for c in report.choices.values()}
+    assert report.reasons() and all(n in plans and not plans[n].is_dense for n in report.no_kernel)
+    with pytest.raises(AutocompError, match="packed"):
+        autocomp.load_deployed(tmp_path)   # not a packed export

@@ -255,7 +255,13 @@ def test_front_is_remeasured_until_every_member_meets_the_budget(tmp_path, monke
 
 
 class _Report:
-    choices: dict = {}
+    """A materialize report with no layers."""
+
+    kernel_layers: list = []
+    no_kernel: dict = {}
+
+    def reasons(self):
+        return {}
 
 
 # ---- a search with a latency budget, end to end --------------------------------------------------
@@ -343,3 +349,22 @@ def test_validated_recommendation_respects_the_latency_budget():
     assert not v["heldout_feasible"] and "latency 128 ms (as searched) is over the 60 ms budget" in v["reasons"]
     assert verdict(fast, entry, {}, budgets, dense_search_ppl=10.0)["heldout_feasible"]
     assert "memory 900 MB" in verdict(big, entry, {}, budgets, dense_search_ppl=10.0)["reasons"][0]
+
+
+def test_latency_as_an_objective(tiny_models, tmp_path, cache_dir):
+    """``latency_ms`` as a third objective: every trial carries it, the front is non-dominated in it, and
+    the front is re-measured at the end although no latency budget is set."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'obj.db'}"
+    proc = run_cli(["search", "--model", tiny_models["llama"], "--space", "demo", "--trials", 5, "--storage", url,
+                    "--study-name", "obj", "--objectives", "perplexity,size_mb,latency_ms", *LATENCY_FLAGS, *SMALL,
+                    "--no-validate"], tmp_path, cache_dir)
+    assert_ok(proc)
+    study = optuna.load_study(study_name="obj", storage=url)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 5 and all(len(t.values) == 3 and t.values[2] == t.user_attrs["metrics"]["latency_ms"]
+                                  for t in done)
+    assert all(t.user_attrs["metrics"]["latency_measured"] == 1.0 for t in done)  # no budget: nothing is hopeless
+    front = json.loads(run_cli(["pareto", "--storage", url, "--study-name", "obj", "--json"], tmp_path, cache_dir).stdout)
+    assert front and all(str(r["trial"]) in study.user_attrs["autocomp_remeasured"] for r in front)

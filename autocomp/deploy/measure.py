@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from autocomp.evaluators.latency import LatencyResult, measure_latency
+from autocomp.evaluators.latency import measure_latency
 from autocomp.evaluators.latency_spec import LatencySpec
 from autocomp.objectives import Budgets
 from autocomp.plan import LayerPlan
@@ -43,21 +43,8 @@ def deployable_copy(model: nn.Module, targets: list[Target], compressed: Mapping
 
 
 def kernel_summary(report) -> dict[str, float]:
-    """Counts of a materialize report as trial metrics."""
-    choices = list(report.choices.values()) if isinstance(report.choices, Mapping) else list(report.choices)
-    compressed = [c for c in choices if c.format != "dense"]
-    with_kernel = [c for c in compressed if c.kernel not in (None, "dense")]
-    return {"kernel_layers": float(len(with_kernel)), "no_kernel_layers": float(len(compressed) - len(with_kernel))}
-
-
-def no_kernel_reasons(report) -> dict[str, int]:
-    """How many compressed layers run without a kernel, by reason."""
-    choices = list(report.choices.values()) if isinstance(report.choices, Mapping) else list(report.choices)
-    out: dict[str, int] = {}
-    for c in choices:
-        if c.format != "dense" and c.kernel in (None, "dense"):
-            out[c.reason] = out.get(c.reason, 0) + 1
-    return out
+    """Counts of a :class:`~autocomp.deploy.kernels.MaterializeReport` as trial metrics."""
+    return {"kernel_layers": float(len(report.kernel_layers)), "no_kernel_layers": float(len(report.no_kernel))}
 
 
 def measure_deployed(model: nn.Module, targets: list[Target], compressed: Mapping[str, Any],
@@ -130,8 +117,3 @@ def _params(model: nn.Module) -> int:
 
 def _blocks(model: nn.Module) -> int:
     return len(find_decoder_blocks(model)[1])
-
-
-def measure_result_dict(result: LatencyResult, report) -> dict[str, Any]:
-    """A stored, JSON-ready account of one measurement."""
-    return {"result": result.to_dict(), **kernel_summary(report), "no_kernel": no_kernel_reasons(report)}

@@ -58,7 +58,7 @@ def remeasure_front(storage_url: str, study_name: str, evaluator=None, echo: Cal
 
     ``evaluator``: a :class:`~autocomp.study.evaluate.TrialEvaluator` of this study already holding the
     model (the search's own); None loads one."""
-    from autocomp.deploy.measure import kernel_summary, measure_deployed, no_kernel_reasons
+    from autocomp.deploy.measure import kernel_summary, measure_deployed
     from autocomp.front import load_records, pareto_front
     from autocomp.plan import CompressionPlan
     from autocomp.study.prepare import load_existing
@@ -89,7 +89,7 @@ def remeasure_front(storage_url: str, study_name: str, evaluator=None, echo: Cal
             model, targets, per_layer = evaluator.current()
             result, report = measure_deployed(model, targets, evaluator.compressed_weights(), per_layer, spec.latency)
             entry = result.metrics(spec.latency.metric) | kernel_summary(report)
-            entry["no_kernel"] = no_kernel_reasons(report)
+            entry["no_kernel"] = report.reasons()
             entry["settings"] = result.settings
             stored[str(record.trial)] = entry
             study.set_user_attr(REMEASURED_ATTR, stored)  # one by one: an interrupted run resumes
