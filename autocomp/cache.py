@@ -65,27 +65,17 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return _DTYPES.index(dtype)
 
 
-def _from_tensors(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    return _compressed_from_tensors(t).weight
-
-
 def _compressed_from_tensors(t: dict[str, torch.Tensor]) -> CompressedWeight:
-    from autocomp.compressors.rtn import QuantizedWeight
+    from autocomp.compressors.rtn import QuantizedWeight, dequantize_codes
 
     mask = t.get("mask")
     if "weight" in t:
         return CompressedWeight(t["weight"], mask, None)
-    codes = t["codes"].to(torch.float32)
-    in_f = codes.shape[1]
     gs = int(t["group_size"][0])
-    col_group = torch.arange(in_f) // gs
-    scale = t["scales"].to(torch.float32)[:, col_group]
-    zero = t["zeros"].to(torch.float32)[:, col_group] if "zeros" in t else torch.full_like(scale, float(t["zero_const"][0]))
-    weight = (codes - zero) * scale
-    if mask is not None:
-        weight = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
-    bits = int(t["bits"][0]) if "bits" in t else 0  # 0: written before bit widths were stored
-    quant = QuantizedWeight(weight.contiguous(), t["codes"], t["scales"], t.get("zeros"), bits, gs)
+    # 0: an asymmetric variant written before bit widths were stored (get_compressed recomputes it)
+    bits = int(t["bits"][0]) if "bits" in t else int(t["zero_const"][0]).bit_length() if "zero_const" in t else 0
+    weight = dequantize_codes(t["codes"], t["scales"], t.get("zeros"), bits, gs, mask).contiguous()
+    quant = QuantizedWeight(weight, t["codes"], t["scales"], t.get("zeros"), bits, gs)
     return CompressedWeight(weight.to(_DTYPES[int(t["dtype_code"][0])]).contiguous(), mask, quant)
 
 

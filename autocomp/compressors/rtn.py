@@ -69,6 +69,25 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
 
 
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                     group_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(codes - zero) * scale`` per group, in float32, pruned positions (``mask == False``) 0.
+
+    The one dequantization of this format: element for element the arithmetic of
+    :func:`group_quantize_weight`, so the variant cache, packed files and kernels that rebuild a weight
+    from its codes get the simulated weight bit for bit. ``zeros`` None: symmetric (zero ``2^(bits-1)``);
+    ``group_size`` resolved (never -1)."""
+    in_f = codes.shape[1]
+    col_group = torch.arange(in_f, device=codes.device) // group_size
+    scale = scales.to(torch.float32)[:, col_group]
+    zero = (zeros.to(torch.float32)[:, col_group] if zeros is not None
+            else torch.full_like(scale, float(2 ** (bits - 1))))
+    weight = (codes.to(torch.float32) - zero) * scale
+    if mask is not None:
+        weight = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    return weight
+
+
 def group_quantize_weight(
     weight: torch.Tensor,
     bits: int,

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocomp.compressors.apply import CompressedWeight
-from autocomp.compressors.rtn import QuantizedWeight, resolve_group_size
+from autocomp.compressors.rtn import QuantizedWeight, dequantize_codes, resolve_group_size
 from autocomp.errors import PlanError
 from autocomp.plan import DENSE, DENSE_BITS, LayerPlan
 from autocomp.targets import Target, write_weight
@@ -349,14 +349,9 @@ def exact_zero_codes(quant: QuantizedWeight, mask: torch.Tensor | None) -> torch
 
 def dequantize(quant: QuantizedWeight, mask: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
     """``(codes - zero) * scale`` per group as float32 (``rows`` of it), pruned positions 0."""
-    codes = quant.codes[rows].to(torch.float32)
-    in_f = codes.shape[1]
-    zero = _expand_groups(_zero_points(quant)[rows], quant.group_size, in_f)
-    scale = _expand_groups(quant.scales[rows].to(torch.float32), quant.group_size, in_f)
-    deq = (codes - zero) * scale
-    if mask is not None:
-        deq = torch.where(mask[rows], deq, torch.zeros((), dtype=deq.dtype, device=deq.device))
-    return deq
+    zeros = None if quant.zeros is None else quant.zeros[rows]
+    return dequantize_codes(quant.codes[rows], quant.scales[rows], zeros, quant.bits, quant.group_size,
+                            None if mask is None else mask[rows])
 
 
 def check_codes_reproduce(cw: CompressedWeight, name: str = "layer") -> None:

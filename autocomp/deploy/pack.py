@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import torch
 
 from autocomp.compressors.apply import CompressedWeight
-from autocomp.compressors.rtn import QuantizedWeight, resolve_group_size
+from autocomp.compressors.rtn import QuantizedWeight, dequantize_codes, resolve_group_size
 from autocomp.errors import AutocompError, PlanError
 from autocomp.plan import DENSE_BITS, LayerPlan, parse_nm
 
@@ -397,11 +397,6 @@ def unpack_layer(tensors: Mapping[str, torch.Tensor], fmt: LayerFormat,
         codes = kept_codes.reshape(out_f, in_f)
     else:
         codes.masked_scatter_(mask, kept_codes)
-    # the simulation's arithmetic (autocomp.cache._from_tensors): float32 (code - zero) * scale, mask, cast
-    scale = scales.to(torch.float32)[:, col_group]
-    zero = zeros.to(torch.float32)[:, col_group] if zeros is not None else torch.full_like(scale, float(1 << (fmt.bits - 1)))
-    deq = (codes.to(torch.float32) - zero) * scale
-    if mask is not None:
-        deq = torch.where(mask, deq, torch.zeros((), dtype=deq.dtype))
+    deq = dequantize_codes(codes, scales, zeros, fmt.bits, gs, mask)   # the simulation's own arithmetic
     quant = QuantizedWeight(deq.contiguous(), codes, scales.clone(), zeros, fmt.bits, gs)
     return CompressedWeight(deq.to(dtype).contiguous(), mask, quant)
