@@ -1,14 +1,15 @@
 """Reading a study back: trial records, the feasible Pareto set, and the recommendation.
 
 Everything here reads only the storage: no model is loaded. In a latency study, the end-to-end
-figures re-measured after the search (:mod:`autocomp.study.remeasure`) replace the search's own. Budgets given here replace the
-study's own, so ``recommend`` can answer "what if I allowed 10% instead of 5%" from stored metrics.
+figures re-measured after the search (:mod:`autocomp.study.remeasure`) replace the search's own.
+Budgets given here replace the study's own, so ``recommend`` can answer "what if I allowed 10%
+instead of 5%" from stored metrics.
 
 Recommendation rule (``prefer="auto"``): with a quality budget (perplexity increase or KL), the
 smallest feasible configuration (you said how much quality you give up, so take the bytes); with
-only size, latency or memory budgets, the best quality that fits; with no budget, the knee of the front (the point
-nearest the utopia point after scaling each objective to [0, 1]). ``prefer`` can force ``size``,
-``quality`` or ``knee``.
+only size, latency or memory budgets, the best quality that fits; with no budget, the knee of the
+front (the point nearest the utopia point after scaling each objective to [0, 1]). ``prefer`` can
+force ``size``, ``quality`` or ``knee``.
 """
 
 from __future__ import annotations

@@ -476,6 +476,15 @@ def _rewrite_metadata(folder, **changes):
     save_file(load_file(str(path)), str(path), metadata={**metadata, **changes})
 
 
+def test_packed_file_has_ordinary_permissions(packed_dir):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((packed_dir / PACKED_FILE).stat().st_mode) == 0o666 & ~umask
+
+
 def test_packed_dir_loads(packed_dir):
     model, compressed, plans = load_packed(packed_dir)
     assert all(p.bits == 4 for p in plans.values()) and len(compressed) == len(plans)

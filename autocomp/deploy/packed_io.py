@@ -165,6 +165,9 @@ def save_packed(out_dir: str | Path, model: nn.Module, targets: list[Target],
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an export is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
