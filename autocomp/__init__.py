@@ -4,7 +4,7 @@
 load what they need when called. See :mod:`autocomp.api` for the Python API.
 """
 
-__version__ = "0.1.0"
+from autocomp._version import __version__
 
 _API = ("search", "prepare", "worker", "pareto", "recommend", "validate", "recommend_validated", "report", "compress",
         "export", "remeasure", "load_deployed")
@@ -22,23 +22,23 @@ def __getattr__(name: str):
 
         return ValidationConfig
     if name == "StudySpec":
-        from autocomp.spec import StudySpec
+        from autocomp.config.spec import StudySpec
 
         return StudySpec
     if name == "SearchSpace":
-        from autocomp.space import SearchSpace
+        from autocomp.config.space import SearchSpace
 
         return SearchSpace
     if name in ("CompressionPlan", "LayerPlan"):
-        from autocomp import plan
+        from autocomp.config import plan
 
         return getattr(plan, name)
     if name == "Budgets":
-        from autocomp.objectives import Budgets
+        from autocomp.config.objectives import Budgets
 
         return Budgets
     if name == "LatencySpec":
-        from autocomp.evaluators.latency_spec import LatencySpec
+        from autocomp.latency.spec import LatencySpec
 
         return LatencySpec
     raise AttributeError(f"module 'autocomp' has no attribute {name!r}")

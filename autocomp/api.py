@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from autocomp.errors import PlanError, StudyError
-from autocomp.objectives import Budgets
-from autocomp.front import TrialRecord, find_trial, load_records, pareto_front
+from autocomp.config.objectives import Budgets
+from autocomp.front import pareto_front
+from autocomp.store.records import TrialRecord, find_trial, load_records
 from autocomp.front import recommend as _recommend
-from autocomp.plan import CompressionPlan
-from autocomp.spec import StudySpec
+from autocomp.config.plan import CompressionPlan
+from autocomp.config.spec import StudySpec
 from autocomp.study.local import SearchOutcome, run_local
-from autocomp.study.storage import default_storage_url, validate_url
+from autocomp.store.urls import default_storage_url, validate_url
 
 
 def default_study_name(spec: StudySpec) -> str:
@@ -32,8 +33,8 @@ def default_study_name(spec: StudySpec) -> str:
 
 
 def _variant_dir(cache_dir: str | Path | None) -> Path | None:
-    from autocomp.cache import check_writable
-    from autocomp.models import cache_root
+    from autocomp.pipeline.variants import check_writable
+    from autocomp.inputs.models import cache_root
 
     directory = None if str(cache_dir) == "none" else Path(cache_dir) if cache_dir else cache_root() / "variants"
     if directory is not None:
@@ -149,7 +150,7 @@ def recommend_validated(storage: str, study_name: str, budgets: Budgets | None =
 
 def report(storage: str, study_name: str, out: str | Path) -> dict[str, Path]:
     """Write the HTML report, PNG figures and CSV/JSON data of a study into ``out``; returns the paths."""
-    from autocomp.report import write_report
+    from autocomp.reporting import write_report
     from autocomp.validation.runner import load_validation
     from autocomp.validation.verdicts import recommend_validated as _by_heldout
 
@@ -177,10 +178,10 @@ def apply_plan(loaded, plan: CompressionPlan) -> dict:
 def _apply_plan(loaded, plan: CompressionPlan):
     """:func:`apply_plan`, also returning a callable that gives every compressed layer's
     ``CompressedWeight`` (codes, scales, masks: what packed export and kernels need)."""
-    from autocomp.calibration import collect_input_stats, stats_digest
-    from autocomp.data import WindowSpec, text_windows
-    from autocomp.stitch import ModelStitcher
-    from autocomp.targets import find_targets
+    from autocomp.pipeline.calibration import collect_input_stats, stats_digest
+    from autocomp.inputs.data import WindowSpec, text_windows
+    from autocomp.pipeline.stitch import ModelStitcher
+    from autocomp.inputs.targets import find_targets
 
     if plan.student is not None:
         from autocomp.students.build import build_student
@@ -202,7 +203,7 @@ def _apply_plan(loaded, plan: CompressionPlan):
     windows = text_windows(loaded.tokenizer, cal.data, cal.split, WindowSpec(cal.windows, cal.seq_len, cal.seed),
                            random=True, bos=cal.bos)
     if cal.mode == "sequential":
-        from autocomp.sequential import compress_sequential
+        from autocomp.pipeline.sequential import compress_sequential
 
         sink: dict = {}
         compress_sequential(loaded.model, targets, per_layer, windows.input_ids, hessian=plan.needs_hessian(), sink=sink)
@@ -223,7 +224,7 @@ def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_co
 
     ``format="packed"`` (default): one ``model.packed.safetensors`` holding packed low-bit codes, fp16
     scales, zero points and sparse metadata, every other tensor in ``dtype`` (16-bit): bytes on disk
-    match the accounted size (:mod:`autocomp.deploy.packed_io`); :func:`autocomp.models.load_model`
+    match the accounted size (:mod:`autocomp.deploy.packed_io`); :func:`autocomp.inputs.models.load_model`
     and ``autocomp search --model OUT`` read it. ``format="float"``: the dequantized weights in float32
     as a plain Hugging Face folder (``from_pretrained`` loads it; bytes on disk are not the accounted
     size). ``autocomp.json`` records both. Raises PlanError for a plan this model cannot take.
@@ -231,8 +232,8 @@ def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_co
     import torch
 
     from autocomp.evaluators.size import model_size
-    from autocomp.models import load_model
-    from autocomp.targets import find_targets
+    from autocomp.inputs.models import load_model
+    from autocomp.inputs.targets import find_targets
 
     if format not in EXPORT_FORMATS:
         raise PlanError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
@@ -277,8 +278,8 @@ def load_deployed(folder: str | Path, device: str = "cpu", dtype: str = "float32
 
     from autocomp.deploy.kernels import materialize
     from autocomp.deploy.packed_io import load_packed
-    from autocomp.evaluators.latency_spec import LatencySpec
-    from autocomp.targets import find_targets
+    from autocomp.latency.spec import LatencySpec
+    from autocomp.inputs.targets import find_targets
 
     LatencySpec(device=device, dtype=dtype).check_device()  # validates both, with the usual messages
     model, compressed, plans = load_packed(folder, dtype=torch.float32)

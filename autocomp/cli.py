@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from autocomp import __version__
+from autocomp._version import __version__
 from autocomp.errors import AutocompError
 
 EXIT_NOTHING_FEASIBLE = 3
@@ -57,8 +57,8 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
 
 def _latency_spec(args: argparse.Namespace, budgets, objectives: Sequence[str]):
     """The LatencySpec when anything asks for latency (a budget or an objective), else None."""
-    from autocomp.evaluators.latency_spec import LatencySpec
-    from autocomp.objectives import LATENCY_OBJECTIVES
+    from autocomp.latency.spec import LatencySpec
+    from autocomp.config.objectives import LATENCY_OBJECTIVES
 
     wanted = (budgets is not None and budgets.needs_latency) or any(o in LATENCY_OBJECTIVES for o in objectives)
     if not wanted:
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _budgets(args: argparse.Namespace, default: Any = None):
-    from autocomp.objectives import Budgets
+    from autocomp.config.objectives import Budgets
 
     values = (args.max_ppl_increase, args.max_size_mb, args.max_kl, args.max_latency_ms, args.max_memory_mb)
     if all(v is None for v in values):
@@ -235,12 +235,12 @@ def _budgets(args: argparse.Namespace, default: Any = None):
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from autocomp import api
-    from autocomp.data import WindowSpec, validate_data_ref
-    from autocomp.models import resolve_model_source
-    from autocomp.objectives import Budgets
-    from autocomp.space import SearchSpace
-    from autocomp.spec import StudySpec
-    from autocomp.study.storage import mask_url, validate_url
+    from autocomp.inputs.data import WindowSpec, validate_data_ref
+    from autocomp.inputs.models import resolve_model_source
+    from autocomp.config.objectives import Budgets
+    from autocomp.config.space import SearchSpace
+    from autocomp.config.spec import StudySpec
+    from autocomp.store.urls import mask_url, validate_url
 
     # cheap checks first, before any model is loaded or any study touched
     if args.storage:
@@ -267,7 +267,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     study_name = args.study_name or api.default_study_name(spec)
-    from autocomp.study.storage import default_storage_url
+    from autocomp.store.urls import default_storage_url
 
     storage = args.storage or default_storage_url(study_name)
     validation = None if args.no_validate else _validation_config(args)  # bad validation input fails here, early
@@ -322,7 +322,7 @@ def _print_outcome(outcome) -> None:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from autocomp import api
 
-    from autocomp.study.storage import mask_url
+    from autocomp.store.urls import mask_url
 
     outcome = api.worker(args.storage, args.study_name, args.trials, progress=not args.no_progress,
                          cache_bytes=args.cache_mb << 20, cache_dir=args.variant_cache, echo=_stderr)
@@ -398,8 +398,8 @@ def _print_recommendation(storage: str, study_name: str, budgets, prefer: str, a
     """Print (or JSON) the recommendation; by held-out figures when validated. ``budgets`` and
     ``acc_budgets`` None: the study's own and those stored with its validation."""
     from autocomp import api
-    from autocomp.front import load_records
-    from autocomp.study.storage import mask_url
+    from autocomp.store.records import load_records
+    from autocomp.store.urls import mask_url
     from autocomp.validation.runner import load_validation
     from autocomp.validation.verdicts import recommend_validated
 
@@ -537,7 +537,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from autocomp.report.dashboard import run_dashboard
+    from autocomp.reporting.dashboard import run_dashboard
 
     print(f"optuna-dashboard on http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr)
     run_dashboard(args.storage, args.host, args.port)
@@ -546,7 +546,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     from autocomp import api
-    from autocomp.plan import CompressionPlan
+    from autocomp.config.plan import CompressionPlan
 
     plan = CompressionPlan.load(args.plan)
     out = api.compress(args.model, plan, args.out, trust_remote_code=args.trust_remote_code, format=args.format,
@@ -581,7 +581,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _cmd_spaces(args: argparse.Namespace) -> int:
-    from autocomp.space import BUILTIN_DIR, SearchSpace
+    from autocomp.config.space import BUILTIN_DIR, SearchSpace
 
     for path in sorted(BUILTIN_DIR.glob("*.yaml")):
         space = SearchSpace.load(path)
@@ -592,9 +592,9 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from autocomp.cache import LayerVariantCache
+    from autocomp.pipeline.variants import LayerVariantCache
     from autocomp.errors import StorageError
-    from autocomp.models import cache_root
+    from autocomp.inputs.models import cache_root
 
     folder = Path(args.dir) if args.dir else cache_root() / "variants"
     if args.max_gb is not None and args.max_gb < 0:

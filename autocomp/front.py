@@ -1,9 +1,7 @@
-"""Reading a study back: trial records, the feasible Pareto set, and the recommendation.
+"""The feasible Pareto set of a study and the recommendation rule, over stored trial records.
 
-Everything here reads only the storage: no model is loaded. In a latency study, the end-to-end
-figures re-measured after the search (:mod:`autocomp.study.remeasure`) replace the search's own.
 Budgets given here replace the study's own, so ``recommend`` can answer "what if I allowed 10%
-instead of 5%" from stored metrics.
+instead of 5%" from stored metrics (:mod:`autocomp.store.records` reads them; nothing is re-run).
 
 Recommendation rule (``prefer="auto"``): with a quality budget (perplexity increase or KL), the
 smallest feasible configuration (you said how much quality you give up, so take the bytes); with
@@ -15,76 +13,14 @@ force ``size``, ``quality`` or ``knee``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
-from autocomp.errors import StudyError, TrialNotFoundError
-from autocomp.objectives import Budgets
-from autocomp.spec import StudySpec
-from autocomp.study.prepare import DENSE_ATTR, SPEC_ATTR, load_existing
-from autocomp.study.remeasure import REMEASURED_ATTR, overlay
-from autocomp.study.storage import mask_url, open_storage
+from autocomp.config.objectives import Budgets
+from autocomp.errors import StudyError
+from autocomp.pareto import non_dominated
+from autocomp.store.records import StudyRecords, TrialRecord
 
 PREFERENCES = ("auto", "size", "quality", "knee")
-
-
-@dataclass
-class TrialRecord:
-    trial: int
-    metrics: dict[str, float]
-    plan: dict[str, Any]
-    params: dict[str, Any] = field(default_factory=dict)
-    uniform: str | None = None
-    feasible: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"trial": self.trial, "metrics": self.metrics, "plan": self.plan, "uniform": self.uniform,
-                "feasible": self.feasible}
-
-
-@dataclass
-class StudyRecords:
-    study_name: str
-    spec: StudySpec
-    dense: dict[str, float]
-    records: list[TrialRecord]     # completed trials
-    n_failed: int
-    n_running: int
-
-
-def load_records(storage_url: str, study_name: str) -> StudyRecords:
-    import optuna
-
-    study = load_existing(open_storage(storage_url, must_exist=True), study_name)
-    if study is None:
-        raise StudyError(f"no study named {study_name!r} in {mask_url(storage_url)}")
-    if SPEC_ATTR not in study.user_attrs:
-        raise StudyError(f"study {study_name!r} was not created by autocomp")
-    spec = StudySpec.from_dict(study.user_attrs[SPEC_ATTR])
-    dense = study.user_attrs.get(DENSE_ATTR, {})
-    remeasured = study.user_attrs.get(REMEASURED_ATTR, {})  # end-to-end figures taken after the search
-    records, failed, running = [], 0, 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs:
-            metrics = dict(t.user_attrs["metrics"])
-            if str(t.number) in remeasured:
-                metrics = overlay(metrics, remeasured[str(t.number)])
-            records.append(TrialRecord(t.number, metrics, dict(t.user_attrs["plan"]),
-                                       dict(t.params), t.user_attrs.get("uniform")))
-        elif t.state == optuna.trial.TrialState.FAIL:
-            failed += 1
-        elif t.state == optuna.trial.TrialState.RUNNING:
-            running += 1
-    return StudyRecords(study_name, spec, dense, records, failed, running)
-
-
-def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-
-def non_dominated(points: list[tuple[Sequence[float], Any]]) -> list[Any]:
-    """Items whose objective vectors no other item dominates (duplicates all kept)."""
-    return [item for vec, item in points if not any(dominates(other, vec) for other, _ in points)]
 
 
 def _values(record: TrialRecord, objectives: Sequence[str]) -> tuple[float, ...]:
@@ -157,22 +93,3 @@ def _knee(front: list[TrialRecord], objectives: Sequence[str]) -> TrialRecord:
         return math.sqrt(sum(((x - lo) / (hi - lo) if hi > lo else 0.0) ** 2 for x, lo, hi in zip(v, lows, highs)))
 
     return min(zip(vecs, front), key=lambda pair: (distance(pair[0]), pair[1].trial))[1]
-
-
-def find_trial(study: StudyRecords, number: int) -> TrialRecord:
-    for r in study.records:
-        if r.trial == number:
-            return r
-    done = ", ".join(str(r.trial) for r in study.records[:20])
-    raise TrialNotFoundError(f"trial {number} is not a completed trial of study {study.study_name!r} (completed: {done or 'none'})")
-
-
-def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
-    """Area dominated by ``points`` (both objectives minimised) and bounded by ``reference``."""
-    pts = sorted((x, y) for x, y in points if x < reference[0] and y < reference[1])
-    area, prev_y = 0.0, reference[1]
-    for x, y in pts:  # sweep by the first objective, adding each step of the staircase
-        if y < prev_y:
-            area += (reference[0] - x) * (prev_y - y)
-            prev_y = y
-    return area

@@ -3,7 +3,7 @@
 
 Every variant is compressed with a data-free plan (RTN, magnitude), materialised with real kernels
 where the device has them (:mod:`autocomp.deploy.kernels`) and measured end to end
-(:func:`autocomp.evaluators.latency.measure_latency`): prefill of a ``--prompt-len`` prompt and
+(:func:`autocomp.latency.timing.measure_latency`): prefill of a ``--prompt-len`` prompt and
 decode ms per token over ``--new-tokens`` tokens, median and range of ``--repeats`` runs after
 warm-up, peak memory (resident weights + peak RSS increase during the run on CPU; CUDA max
 allocated on a GPU). Bytes on disk are those of the packed export (``model.packed.safetensors``),
@@ -34,17 +34,17 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from autocomp.data import WindowSpec, text_windows  # noqa: E402
-from autocomp.deploy.latency_table import LatencyModel, LatencyTable  # noqa: E402
-from autocomp.deploy.measure import deployable_copy, kernel_summary  # noqa: E402
-from autocomp.evaluators.latency import measure_latency  # noqa: E402
-from autocomp.evaluators.latency_spec import LatencySpec  # noqa: E402
+from autocomp.inputs.data import WindowSpec, text_windows  # noqa: E402
+from autocomp.latency.table import LatencyModel, LatencyTable  # noqa: E402
+from autocomp.latency.trial import deployable_copy, kernel_summary  # noqa: E402
+from autocomp.latency.timing import measure_latency  # noqa: E402
+from autocomp.latency.spec import LatencySpec  # noqa: E402
 from autocomp.evaluators.quality import score_windows  # noqa: E402
 from autocomp.evaluators.size import model_size  # noqa: E402
-from autocomp.models import load_model  # noqa: E402
-from autocomp.plan import LayerPlan  # noqa: E402
-from autocomp.stitch import ModelStitcher  # noqa: E402
-from autocomp.targets import find_decoder_blocks, find_targets  # noqa: E402
+from autocomp.inputs.models import load_model  # noqa: E402
+from autocomp.config.plan import LayerPlan  # noqa: E402
+from autocomp.pipeline.stitch import ModelStitcher  # noqa: E402
+from autocomp.inputs.targets import find_decoder_blocks, find_targets  # noqa: E402
 
 INT8 = LayerPlan(method="rtn", bits=8, group_size=-1)
 INT4 = LayerPlan(method="rtn", bits=4, group_size=128)

@@ -25,15 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from autocomp.data import WindowSpec, load_named_split, make_windows, tokenize  # noqa: E402
+from autocomp.inputs.data import WindowSpec, load_named_split, make_windows, tokenize  # noqa: E402
 from autocomp.evaluators.quality import score_windows  # noqa: E402
 from autocomp.evaluators.size import model_size  # noqa: E402
-from autocomp.models import cache_root, load_model  # noqa: E402
-from autocomp.objectives import Budgets  # noqa: E402
-from autocomp.front import load_records, pareto_front  # noqa: E402
-from autocomp.plan import CompressionPlan, LayerPlan  # noqa: E402
-from autocomp.space import SearchSpace  # noqa: E402
-from autocomp.spec import StudySpec  # noqa: E402
+from autocomp.inputs.models import cache_root, load_model  # noqa: E402
+from autocomp.config.objectives import Budgets  # noqa: E402
+from autocomp.front import pareto_front  # noqa: E402
+from autocomp.store.records import load_records
+from autocomp.config.plan import CompressionPlan, LayerPlan  # noqa: E402
+from autocomp.config.space import SearchSpace  # noqa: E402
+from autocomp.config.spec import StudySpec  # noqa: E402
 from autocomp.study.evaluate import TrialEvaluator  # noqa: E402
 from autocomp.study.local import run_local  # noqa: E402
 
@@ -76,7 +77,7 @@ def main() -> int:
     loaded = load_model(args.model)
     space = SearchSpace.from_dict(SPACE, "bench_mixed_gptq.py")
     # the size budget: uniform GPTQ 4-bit on the searched layers
-    from autocomp.targets import find_targets
+    from autocomp.inputs.targets import find_targets
 
     targets = find_targets(loaded.model)
     uniform4 = {t.name: LayerPlan("gptq", bits=4, group_size=128) for t in targets if t.in_blocks}

@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autocomp.api import apply_plan  # noqa: E402
-from autocomp.data import WindowSpec, text_windows  # noqa: E402
+from autocomp.inputs.data import WindowSpec, text_windows  # noqa: E402
 from autocomp.evaluators.quality import score_windows  # noqa: E402
 from autocomp.evaluators.size import model_size  # noqa: E402
-from autocomp.models import load_model  # noqa: E402
-from autocomp.plan import CalibrationSpec, CompressionPlan, LayerPlan  # noqa: E402
-from autocomp.targets import find_targets, get_module, read_weight, write_weight  # noqa: E402
+from autocomp.inputs.models import load_model  # noqa: E402
+from autocomp.config.plan import CalibrationSpec, CompressionPlan, LayerPlan  # noqa: E402
+from autocomp.inputs.targets import find_targets, get_module, read_weight, write_weight  # noqa: E402
 
 # (name, layer plan, published ratio to dense and its source)
 CONFIGS = [

@@ -69,7 +69,7 @@ def env(cache: Path) -> dict[str, str]:
 def measure(mode: str, k: int, args, model: Path, work: Path, repeat: int = 0) -> dict:
     import optuna
 
-    from autocomp.study.storage import open_storage
+    from autocomp.store.urls import open_storage
 
     name = f"{mode}-{k}-r{repeat}"
     url = f"sqlite:///{work / (name + '.db')}"

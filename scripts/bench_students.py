@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from autocomp.data import WindowSpec, text_windows  # noqa: E402
+from autocomp.inputs.data import WindowSpec, text_windows  # noqa: E402
 from autocomp.evaluators.quality import score_windows  # noqa: E402
-from autocomp.models import load_model  # noqa: E402
+from autocomp.inputs.models import load_model  # noqa: E402
 from autocomp.students.build import build_student  # noqa: E402
 from autocomp.students.prune import teacher_dims  # noqa: E402
 from autocomp.students.spec import DistillSpec, StudentSpec  # noqa: E402
@@ -50,7 +50,7 @@ STUDENTS = [
 
 
 def decoder_params(model) -> int:
-    from autocomp.targets import find_decoder_blocks
+    from autocomp.inputs.targets import find_decoder_blocks
 
     return sum(p.numel() for p in find_decoder_blocks(model)[1].parameters())
 

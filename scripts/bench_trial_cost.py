@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from autocomp.data import WindowSpec  # noqa: E402
-from autocomp.models import load_model  # noqa: E402
-from autocomp.objectives import Budgets  # noqa: E402
-from autocomp.space import SearchSpace  # noqa: E402
-from autocomp.spec import StudySpec  # noqa: E402
+from autocomp.inputs.data import WindowSpec  # noqa: E402
+from autocomp.inputs.models import load_model  # noqa: E402
+from autocomp.config.objectives import Budgets  # noqa: E402
+from autocomp.config.space import SearchSpace  # noqa: E402
+from autocomp.config.spec import StudySpec  # noqa: E402
 from autocomp.study.evaluate import TrialEvaluator  # noqa: E402
 from autocomp.study.local import run_local  # noqa: E402
 
@@ -110,7 +110,7 @@ def main() -> int:
 
         study = optuna.load_study(study_name="cache", storage=storage)
         last = [t for t in study.trials if t.state.name == "COMPLETE"][-1]
-        from autocomp.plan import CompressionPlan
+        from autocomp.config.plan import CompressionPlan
 
         plan = CompressionPlan.from_dict(last.user_attrs["plan"])
         per_layer = plan.resolve([t.name for t in evaluator.all_targets if t.in_blocks],

@@ -45,8 +45,9 @@ def main() -> int:
     import torch
 
     from autocomp import api
-    from autocomp.front import load_records, pareto_front, recommend
-    from autocomp.objectives import Budgets
+    from autocomp.front import pareto_front, recommend
+    from autocomp.store.records import load_records
+    from autocomp.config.objectives import Budgets
     from autocomp.validation.runner import ValidationConfig
     from autocomp.validation.verdicts import recommend_validated, verdicts
 

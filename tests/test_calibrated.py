@@ -16,13 +16,13 @@ import optuna
 import pytest
 import torch
 
-from autocomp.cache import LayerVariantCache, variant_key
-from autocomp.calibration import LayerStats, collect_input_stats
-from autocomp.compressors import compress_weight
-from autocomp.data import WindowSpec, text_windows
-from autocomp.models import load_model
-from autocomp.plan import CalibrationSpec, CompressionPlan, LayerPlan
-from autocomp.targets import find_targets, get_module, read_weight
+from autocomp.pipeline.variants import LayerVariantCache, variant_key
+from autocomp.pipeline.calibration import LayerStats, collect_input_stats
+from autocomp.pipeline.layer import compress_weight
+from autocomp.inputs.data import WindowSpec, text_windows
+from autocomp.inputs.models import load_model
+from autocomp.config.plan import CalibrationSpec, CompressionPlan, LayerPlan
+from autocomp.inputs.targets import find_targets, get_module, read_weight
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 PRUNED = optuna.trial.TrialState.PRUNED
@@ -271,7 +271,7 @@ def llama_stats(tiny_models):
 
 
 def _stitcher(lm, targets, stats, directory):
-    from autocomp.stitch import ModelStitcher
+    from autocomp.pipeline.stitch import ModelStitcher
 
     return ModelStitcher(lm.model, targets, lm.fingerprint, stats, "digest-a", LayerVariantCache(directory=directory))
 
@@ -308,7 +308,7 @@ def test_variant_cache_memory_and_disk_hits_are_bit_identical(llama_stats, tmp_p
     sizes = {f.stat().st_size for f in files}
     assert min(sizes) < 64 * 64 * 4
     # other statistics: another key, so another variant (never a stale hit)
-    from autocomp.stitch import ModelStitcher
+    from autocomp.pipeline.stitch import ModelStitcher
 
     other = ModelStitcher(lm.model, targets, lm.fingerprint, stats, "digest-b", LayerVariantCache(directory=tmp_path))
     other.variant(names[0], CACHE_PLANS[0])
@@ -479,7 +479,7 @@ def _windows_nll(dense_per_token: list[float], diff_per_token: list[float], toke
 
 
 def test_staged_estimate_and_budget():
-    from autocomp.objectives import Budgets
+    from autocomp.config.objectives import Budgets
     from autocomp.study.staged import estimate, stage1_reason, t_quantile
 
     dense_ppl = math.exp(3.0)
@@ -510,7 +510,7 @@ def test_staged_estimate_and_budget():
 
 
 def test_staged_dominated_by_front():
-    from autocomp.objectives import Budgets
+    from autocomp.config.objectives import Budgets
     from autocomp.study.staged import estimate, stage1_reason
 
     dense_ppl = math.exp(3.0)
@@ -536,7 +536,7 @@ def test_staged_dominated_by_front():
 
 
 def test_staged_two_noisy_windows_are_not_stopped():
-    from autocomp.objectives import Budgets
+    from autocomp.config.objectives import Budgets
     from autocomp.study.staged import (
         estimate,
         optimistic_bound,
@@ -567,7 +567,7 @@ def test_staged_two_noisy_windows_are_not_stopped():
 
 def test_screen_raises_with_partial_metrics():
     from autocomp.errors import StudyError
-    from autocomp.objectives import Budgets
+    from autocomp.config.objectives import Budgets
     from autocomp.study.staged import Screen, StagedConfig, TrialPruned, estimate
 
     with pytest.raises(StudyError):
@@ -587,7 +587,7 @@ def test_screen_raises_with_partial_metrics():
 
 
 def _spec(model, space, **kw):
-    from autocomp.spec import StudySpec
+    from autocomp.config.spec import StudySpec
 
     base = {"model": str(model), "space": space, "eval_windows": EVAL, "calib_windows": SEQ_CALIB}
     base.update(kw)
@@ -630,7 +630,7 @@ def trained_llama(tiny_models, tmp_path_factory) -> Path:
 
 
 def _harsh_space():
-    from autocomp.space import SearchSpace
+    from autocomp.config.space import SearchSpace
 
     return SearchSpace.from_dict({"name": "harsh", "granularity": "layer",
                                   "sparsity": {"methods": ["magnitude"], "levels": [0.0, 0.5, 0.9]},
@@ -638,7 +638,7 @@ def _harsh_space():
 
 
 def test_staged_study_prunes_on_the_ppl_budget(trained_llama, tmp_path):
-    from autocomp.objectives import Budgets
+    from autocomp.config.objectives import Budgets
     from autocomp.study.local import run_local
     from autocomp.study.loop import count_completed
 
@@ -680,8 +680,8 @@ def test_staged_study_prunes_on_the_ppl_budget(trained_llama, tmp_path):
 
 def test_staged_study_prunes_on_size_at_stage_0(tiny_models, tmp_path):
     from autocomp.evaluators.size import model_size
-    from autocomp.objectives import Budgets
-    from autocomp.space import SearchSpace
+    from autocomp.config.objectives import Budgets
+    from autocomp.config.space import SearchSpace
     from autocomp.study.local import run_local
 
     lm = load_model(str(tiny_models["llama"]))
@@ -719,7 +719,7 @@ def _state(model) -> dict:
 def test_sequential_calibration(tiny_models):
     from autocomp import api
     from autocomp.evaluators.quality import score_windows
-    from autocomp.sequential import compress_sequential
+    from autocomp.pipeline.sequential import compress_sequential
 
     folder = str(tiny_models["llama"])
     lp = LayerPlan("gptq", bits=3, group_size=32)
@@ -782,8 +782,8 @@ STAGES = {
 @pytest.mark.parametrize("arch", sorted(STAGES))
 def test_sequential_stages_follow_execution_order(tiny_models, arch):
     """True-sequential stages: layers reading the same tensor together, in the order the block runs them."""
-    from autocomp.sequential import _capture_block_calls, _stages
-    from autocomp.targets import find_decoder_blocks
+    from autocomp.pipeline.sequential import _capture_block_calls, _stages
+    from autocomp.inputs.targets import find_decoder_blocks
 
     lm = load_model(str(tiny_models[arch]))
     _, blocks = find_decoder_blocks(lm.model)
@@ -795,7 +795,7 @@ def test_sequential_stages_follow_execution_order(tiny_models, arch):
 
 
 def _gptq_space(name: str, granularity: str, bits: list[int]):
-    from autocomp.space import SearchSpace
+    from autocomp.config.space import SearchSpace
 
     return SearchSpace.from_dict({"name": name, "granularity": granularity,
                                   "quantization": {"methods": ["gptq"], "bits": bits, "group_size": [32]}}, name)
@@ -803,7 +803,7 @@ def _gptq_space(name: str, granularity: str, bits: list[int]):
 
 def test_sequential_study_and_export(tiny_models, tmp_path):
     from autocomp import api
-    from autocomp.data import eval_source
+    from autocomp.inputs.data import eval_source
     from autocomp.evaluators.quality import score_windows
     from autocomp.study.local import run_local
 
@@ -841,7 +841,7 @@ def test_sequential_study_and_export(tiny_models, tmp_path):
 
 def test_sensitivity_study_pins_groups(tiny_models, tmp_path):
     from autocomp.study.local import run_local
-    from autocomp.study.sensitivity import choice_label
+    from autocomp.sensitivity.table import choice_label
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     space = _gptq_space("gptq-role", "role", [3, 4, 16])
@@ -908,7 +908,7 @@ ALLOC_TABLE = {
 
 @pytest.mark.parametrize("budget", list(range(30, 250, 10)) + [145, 155])
 def test_allocate_matches_brute_force(budget):
-    from autocomp.study.sensitivity import allocate
+    from autocomp.sensitivity.table import allocate
 
     chosen = allocate(ALLOC_TABLE, budget)
     assert set(chosen) == set(ALLOC_TABLE)
@@ -920,7 +920,7 @@ def test_allocate_matches_brute_force(budget):
 
 
 def test_allocate_below_the_smallest_and_above_the_largest():
-    from autocomp.study.sensitivity import allocate
+    from autocomp.sensitivity.table import allocate
 
     # nothing fits: every group at its cheapest choice (the caller's budget was too small)
     assert allocate(ALLOC_TABLE, 0) == {"a": "2b", "b": "2b", "c": "2b"}

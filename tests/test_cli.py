@@ -176,7 +176,7 @@ def test_search_completes_requested_trials(study):
 
 
 def test_uniform_baselines_enqueued_first(study):
-    from autocomp.front import load_records
+    from autocomp.store.records import load_records
 
     records = sorted(load_records(study.url, STUDY).records, key=lambda r: r.trial)
     expected = expected_uniform_names()
@@ -317,7 +317,7 @@ def test_pareto_under_new_budgets(study):
 
 def _pick_trial(url: str):
     """A completed trial that both prunes and quantizes some layers (most interesting to rebuild)."""
-    from autocomp.front import load_records
+    from autocomp.store.records import load_records
 
     records = load_records(url, STUDY)
     candidates = [r for r in records.records if 0 < r.metrics["avg_sparsity"] and r.metrics["avg_bits"] < 16]
@@ -340,7 +340,7 @@ def test_export_reproduces_the_trial(study, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from autocomp.evaluators.quality import score_windows
-    from autocomp.plan import CompressionPlan
+    from autocomp.config.plan import CompressionPlan
     from autocomp.study.evaluate import TrialEvaluator
 
     records, record = _pick_trial(study.url)
@@ -409,7 +409,7 @@ def test_packed_export_matches_accounted_size_and_reloads(study, tmp_path):
         pytest.skip("one architecture end to end is enough; every format and architecture: test_packed.py")
     from autocomp.deploy.packed_io import PACKED_FILE
     from autocomp.evaluators.quality import score_windows
-    from autocomp.models import load_model
+    from autocomp.inputs.models import load_model
     from autocomp.study.evaluate import TrialEvaluator
 
     records, record = _pick_trial(study.url)

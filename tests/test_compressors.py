@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from autocomp.calibration import LayerStats, collect_input_stats
-from autocomp.compressors import compress_weight
+from autocomp.pipeline.calibration import LayerStats, collect_input_stats
+from autocomp.pipeline.layer import compress_weight
 from autocomp.compressors.registry import (
     available_compressors,
     compressor_kind,
@@ -20,9 +20,9 @@ from autocomp.compressors.registry import (
 from autocomp.compressors.rtn import QuantizedWeight, group_quantize_weight, n_groups
 from autocomp.errors import PlanError
 from autocomp.evaluators.size import kept_weights
-from autocomp.models import load_model
-from autocomp.plan import LayerPlan, split_method
-from autocomp.targets import find_targets, get_module, read_weight
+from autocomp.inputs.models import load_model
+from autocomp.config.plan import LayerPlan, split_method
+from autocomp.inputs.targets import find_targets, get_module, read_weight
 
 ARCHS = ("llama", "gemma3", "gpt2", "opt", "qwen2")
 RATIOS = (0.1, 0.25, 0.37, 0.5, 0.63, 0.9)

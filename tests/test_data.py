@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from autocomp.data import (WindowSpec, eval_source, calibration_source, load_named_split, make_windows,
+from autocomp.inputs.data import (WindowSpec, eval_source, calibration_source, load_named_split, make_windows,
                            text_windows)
 from autocomp.errors import DataError
-from autocomp.models import load_model
+from autocomp.inputs.models import load_model
 
 
 def test_offline_wikitext_is_the_documented_split():

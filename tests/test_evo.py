@@ -9,7 +9,7 @@ import random
 import optuna
 import pytest
 
-from autocomp.study.evo import LevelSwitchSampler, choice_ladders
+from autocomp.samplers.evo import LevelSwitchSampler, choice_ladders
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -105,9 +105,9 @@ def test_falls_back_to_random_without_a_feasible_trial():
 
 
 def test_choice_ladders_order_by_bytes_and_skip_pinned(tiny_models):
-    from autocomp.models import load_model
-    from autocomp.space import SearchSpace
-    from autocomp.targets import find_targets
+    from autocomp.inputs.models import load_model
+    from autocomp.config.space import SearchSpace
+    from autocomp.inputs.targets import find_targets
 
     space = SearchSpace.from_dict({"name": "m", "granularity": "role",
                                    "sparsity": {"levels": [0.0, 0.5]},
@@ -125,10 +125,10 @@ def test_choice_ladders_order_by_bytes_and_skip_pinned(tiny_models):
 def test_evo_study_end_to_end(tiny_models, tmp_path):
     """sampler='evo' on a GPTQ bits space under a size budget: after the baselines, every trial is a
     new configuration no larger than the largest feasible one."""
-    from autocomp.data import WindowSpec
-    from autocomp.objectives import Budgets
-    from autocomp.space import SearchSpace
-    from autocomp.spec import StudySpec
+    from autocomp.inputs.data import WindowSpec
+    from autocomp.config.objectives import Budgets
+    from autocomp.config.space import SearchSpace
+    from autocomp.config.spec import StudySpec
     from autocomp.study.local import run_local
 
     space = SearchSpace.from_dict({"name": "bits", "granularity": "layer",
@@ -157,8 +157,8 @@ def test_evo_study_end_to_end(tiny_models, tmp_path):
 @pytest.mark.parametrize("bad", ["evolution", "NSGA2"])
 def test_unknown_sampler_is_refused(bad, tiny_models):
     from autocomp.errors import StudyError
-    from autocomp.space import SearchSpace
-    from autocomp.spec import StudySpec
+    from autocomp.config.space import SearchSpace
+    from autocomp.config.spec import StudySpec
 
     space = SearchSpace.from_dict({"name": "b", "quantization": {"methods": ["rtn"], "bits": [4, 8]}}, "b")
     with pytest.raises(StudyError, match="evo"):

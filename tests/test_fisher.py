@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from autocomp.data import WindowSpec
-from autocomp.models import load_model
-from autocomp.targets import block_targets, find_targets, get_module, read_weight, write_weight
+from autocomp.inputs.data import WindowSpec
+from autocomp.inputs.models import load_model
+from autocomp.inputs.targets import block_targets, find_targets, get_module, read_weight, write_weight
 
 
 def _ranks(values: list[float]) -> torch.Tensor:
@@ -26,11 +26,11 @@ def _windows(vocab: int, n: int, seq: int, seed: int) -> torch.Tensor:
 def test_predicted_kl_follows_measured_kl(tiny_models, arch):
     """Quantize one layer at a time (GPTQ 3-bit): the second-order prediction ranks the layers like
     the KL measured on other windows and is of the same magnitude."""
-    from autocomp.calibration import collect_input_stats
-    from autocomp.compressors import compress_weight
+    from autocomp.pipeline.calibration import collect_input_stats
+    from autocomp.pipeline.layer import compress_weight
     from autocomp.evaluators.quality import score_windows
-    from autocomp.fisher import gradient_factors
-    from autocomp.plan import LayerPlan
+    from autocomp.sensitivity.fisher import gradient_factors
+    from autocomp.config.plan import LayerPlan
 
     lm = load_model(str(tiny_models[arch]))
     model, vocab = lm.model, lm.model.config.vocab_size
@@ -56,7 +56,7 @@ def test_predicted_kl_follows_measured_kl(tiny_models, arch):
 
 
 def test_fisher_pass_leaves_the_model_as_it_was(tiny_models):
-    from autocomp.fisher import gradient_factors
+    from autocomp.sensitivity.fisher import gradient_factors
 
     lm = load_model(str(tiny_models["gemma3"]))
     model = lm.model
@@ -91,8 +91,8 @@ def test_fisher_sensitivity_study(tiny_models, tmp_path):
     """sensitivity='fisher': decoder groups predicted, the embedding group measured, all in nats."""
     import optuna
 
-    from autocomp.space import SearchSpace
-    from autocomp.spec import StudySpec
+    from autocomp.config.space import SearchSpace
+    from autocomp.config.spec import StudySpec
     from autocomp.study.local import run_local
 
     space = SearchSpace.from_dict({"name": "rtn-role", "granularity": "role",
@@ -116,10 +116,10 @@ def test_fisher_sensitivity_study(tiny_models, tmp_path):
 
 
 def test_fisher_needs_factors_or_a_probe_for_every_group(tiny_models):
-    from autocomp.fisher import FisherFactors
-    from autocomp.space import SearchSpace
-    from autocomp.stitch import ModelStitcher
-    from autocomp.study.sensitivity import sensitivity_table
+    from autocomp.sensitivity.fisher import FisherFactors
+    from autocomp.config.space import SearchSpace
+    from autocomp.pipeline.stitch import ModelStitcher
+    from autocomp.sensitivity.table import sensitivity_table
 
     lm = load_model(str(tiny_models["llama"]))
     targets = find_targets(lm.model)

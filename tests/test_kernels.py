@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autocomp.compressors import compress_weight
-from autocomp.compressors.apply import CompressedWeight
+from autocomp.pipeline.layer import compress_weight
+from autocomp.pipeline.layer import CompressedWeight
 from autocomp.deploy.kernels import (
     KERNELS,
     DenseLinear,
@@ -28,9 +28,9 @@ from autocomp.deploy.kernels import (
     materialize,
 )
 from autocomp.errors import PlanError
-from autocomp.models import load_model
-from autocomp.plan import DENSE, LayerPlan
-from autocomp.targets import find_targets, get_module, read_weight, write_weight
+from autocomp.inputs.models import load_model
+from autocomp.config.plan import DENSE, LayerPlan
+from autocomp.inputs.targets import find_targets, get_module, read_weight, write_weight
 
 OUT, IN = 256, 512
 

@@ -12,12 +12,12 @@ import torch
 from cli_helpers import SMALL, assert_ok, run_cli
 
 from autocomp.errors import BudgetError, StudyError
-from autocomp.evaluators.latency import LatencyResult, Timing, measure_latency, resident_bytes
-from autocomp.evaluators.latency_spec import LatencySpec
-from autocomp.models import load_model
-from autocomp.objectives import Budgets
-from autocomp.plan import LayerPlan
-from autocomp.targets import find_targets
+from autocomp.latency.timing import LatencyResult, Timing, measure_latency, resident_bytes
+from autocomp.latency.spec import LatencySpec
+from autocomp.inputs.models import load_model
+from autocomp.config.objectives import Budgets
+from autocomp.config.plan import LayerPlan
+from autocomp.inputs.targets import find_targets
 
 FAST = LatencySpec(prompt_len=16, new_tokens=4, repeats=3, warmup=1, threads=1)
 
@@ -127,8 +127,8 @@ def test_latency_budgets_become_constraints():
 
 def test_old_specs_keep_their_hash():
     """Unset latency settings are left out of the stored spec, so existing studies resume unchanged."""
-    from autocomp.space import SearchSpace
-    from autocomp.spec import StudySpec
+    from autocomp.config.space import SearchSpace
+    from autocomp.config.spec import StudySpec
 
     spec = StudySpec(model="m", space=SearchSpace.load("bits"), budgets=Budgets(max_size_mb=5))
     data = spec.to_dict()
@@ -149,7 +149,7 @@ def test_old_specs_keep_their_hash():
 
 
 def test_table_is_measured_once_and_kept_on_disk(tmp_path):
-    from autocomp.deploy.latency_table import LatencyTable
+    from autocomp.latency.table import LatencyTable
 
     table = LatencyTable(FAST, tmp_path)
     int4 = LayerPlan(method="rtn", bits=4, group_size=32)
@@ -167,7 +167,7 @@ def test_table_is_measured_once_and_kept_on_disk(tmp_path):
 
 
 def test_table_prediction_of_the_dense_model_is_its_measurement(llama, tmp_path):
-    from autocomp.deploy.latency_table import LatencyModel, LatencyTable
+    from autocomp.latency.table import LatencyModel, LatencyTable
 
     targets = find_targets(llama.model)
     table = LatencyTable(FAST, tmp_path)
@@ -214,12 +214,12 @@ def test_front_is_remeasured_until_every_member_meets_the_budget(tmp_path, monke
     was hiding enters and is measured in turn; the infeasible one is never re-measured."""
     import optuna
 
-    import autocomp.deploy.measure as measure
+    import autocomp.latency.trial as measure
     from autocomp import api
-    from autocomp.front import load_records
-    from autocomp.space import SearchSpace
-    from autocomp.spec import StudySpec
-    from autocomp.study.prepare import DENSE_ATTR, HASH_ATTR, SPEC_ATTR
+    from autocomp.store.records import load_records
+    from autocomp.config.space import SearchSpace
+    from autocomp.config.spec import StudySpec
+    from autocomp.store.schema import DENSE_ATTR, HASH_ATTR, SPEC_ATTR
 
     spec = StudySpec(model="m", space=SearchSpace.load("bits"), budgets=Budgets(max_latency_ms=10.0), latency=FAST)
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -335,7 +335,7 @@ def test_search_with_a_latency_budget_returns_only_configurations_that_meet_it(d
 def test_validated_recommendation_respects_the_latency_budget():
     """Held-out verdicts keep the latency and memory budgets: a fast-enough held-out perplexity does not
     make a slow configuration feasible."""
-    from autocomp.front import TrialRecord
+    from autocomp.store.records import TrialRecord
     from autocomp.validation.verdicts import verdict
 
     held = {"perplexity": 10.0, "ppl_increase_pct": 0.0, "ppl_increase_ci": [0.0, 0.0], "kl": 0.0, "kl_ci": [0.0, 0.0]}

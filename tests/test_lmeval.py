@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from autocomp.data import load_named_split  # noqa: E402
+from autocomp.inputs.data import load_named_split  # noqa: E402
 from autocomp.errors import BudgetError, DependencyError, TaskError  # noqa: E402
 from autocomp.validation.lmeval import (  # noqa: E402
     TaskResult,

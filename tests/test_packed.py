@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from autocomp.calibration import LayerStats, collect_input_stats
-from autocomp.compressors import compress_weight
-from autocomp.compressors.apply import CompressedWeight
+from autocomp.pipeline.calibration import LayerStats, collect_input_stats
+from autocomp.pipeline.layer import compress_weight
+from autocomp.pipeline.layer import CompressedWeight
 from autocomp.compressors.rtn import QuantizedWeight
 from autocomp.deploy import pack as pack_module
 from autocomp.deploy.pack import (
@@ -28,9 +28,9 @@ from autocomp.deploy.pack import (
 from autocomp.deploy.packed_io import PACKED_FILE, load_packed, save_packed
 from autocomp.errors import AutocompError, PlanError
 from autocomp.evaluators.size import layer_size, model_size
-from autocomp.models import load_model
-from autocomp.plan import LayerPlan
-from autocomp.targets import find_targets, get_module, read_weight, write_weight
+from autocomp.inputs.models import load_model
+from autocomp.config.plan import LayerPlan
+from autocomp.inputs.targets import find_targets, get_module, read_weight, write_weight
 
 # ---------------------------------------------------------------------------------------------
 # bit streams
@@ -543,10 +543,10 @@ def test_corrupt_file(tmp_path, packed_dir):
 def test_stitcher_gives_the_codes_of_what_it_stitched(tiny_models, tmp_path):
     """``compressed_weights`` returns, for every compressed layer, codes that reproduce the weight
     the model holds: computed (data-free), and read back from the disk tier (calibrated)."""
-    from autocomp.cache import LayerVariantCache
-    from autocomp.calibration import stats_digest
-    from autocomp.data import WindowSpec, text_windows
-    from autocomp.stitch import ModelStitcher
+    from autocomp.pipeline.variants import LayerVariantCache
+    from autocomp.pipeline.calibration import stats_digest
+    from autocomp.inputs.data import WindowSpec, text_windows
+    from autocomp.pipeline.stitch import ModelStitcher
 
     lm = load_model(str(tiny_models["llama"]))
     targets = find_targets(lm.model)

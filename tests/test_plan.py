@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from autocomp.calibration import collect_input_stats, stats_digest
+from autocomp.pipeline.calibration import collect_input_stats, stats_digest
 from autocomp.errors import AutocompError, PlanError
-from autocomp.models import load_model
-from autocomp.plan import DENSE, CalibrationSpec, CompressionPlan, LayerPlan, parse_nm
-from autocomp.stitch import ModelStitcher
-from autocomp.targets import block_targets, extra_targets, find_targets
+from autocomp.inputs.models import load_model
+from autocomp.config.plan import DENSE, CalibrationSpec, CompressionPlan, LayerPlan, parse_nm
+from autocomp.pipeline.stitch import ModelStitcher
+from autocomp.inputs.targets import block_targets, extra_targets, find_targets
 
 EXAMPLE = {"version": 1, "default": {"method": "rtn", "bits": 4, "group_size": 128},
            "layers": {"re:.*down_proj$": {"method": "rtn", "bits": 8}}}

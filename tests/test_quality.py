@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from autocomp.evaluators.quality import score_windows
-from autocomp.models import load_model
-from autocomp.plan import LayerPlan
-from autocomp.stitch import ModelStitcher
-from autocomp.targets import find_targets
+from autocomp.inputs.models import load_model
+from autocomp.config.plan import LayerPlan
+from autocomp.pipeline.stitch import ModelStitcher
+from autocomp.inputs.targets import find_targets
 
 
 @pytest.fixture(scope="module")

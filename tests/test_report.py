@@ -21,16 +21,17 @@ import optuna
 import pytest
 
 from autocomp.errors import DependencyError, ReportError, StorageError, TrialNotFoundError
-from autocomp.front import load_records, pareto_front, recommend
-from autocomp.objectives import Budgets
-from autocomp.report import write_report
-from autocomp.report.context import build_report_data
-from autocomp.report.figures import front_figure, heatmap_figure
-from autocomp.report.layers import NON_BLOCK, layer_grid
-from autocomp.report.page import HEATMAP_DIV
-from autocomp.space import SearchSpace
-from autocomp.spec import StudySpec
-from autocomp.study.prepare import DENSE_ATTR, HASH_ATTR, SPEC_ATTR
+from autocomp.front import pareto_front, recommend
+from autocomp.store.records import load_records
+from autocomp.config.objectives import Budgets
+from autocomp.reporting import write_report
+from autocomp.reporting.context import build_report_data
+from autocomp.reporting.figures import front_figure, heatmap_figure
+from autocomp.reporting.layers import NON_BLOCK, layer_grid
+from autocomp.reporting.page import HEATMAP_DIV
+from autocomp.config.space import SearchSpace
+from autocomp.config.spec import StudySpec
+from autocomp.store.schema import DENSE_ATTR, HASH_ATTR, SPEC_ATTR
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -405,7 +406,7 @@ def test_page_without_feasible_trials_renders_in_chromium(browser, hopeless_repo
 
 
 def test_dashboard_without_optuna_dashboard_is_a_dependency_error(storage, monkeypatch):
-    from autocomp.report.dashboard import run_dashboard
+    from autocomp.reporting.dashboard import run_dashboard
 
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)   # import fails as if not installed
     with pytest.raises(DependencyError, match="pip install optuna-dashboard"):
@@ -414,7 +415,7 @@ def test_dashboard_without_optuna_dashboard_is_a_dependency_error(storage, monke
 
 def test_dashboard_with_a_bad_storage_is_a_storage_error(tmp_path):
     pytest.importorskip("optuna_dashboard")
-    from autocomp.report.dashboard import run_dashboard
+    from autocomp.reporting.dashboard import run_dashboard
 
     with pytest.raises(StorageError):
         run_dashboard(f"sqlite:///{tmp_path / 'missing.db'}")
@@ -424,7 +425,7 @@ def test_dashboard_with_a_bad_storage_is_a_storage_error(tmp_path):
 
 def test_dashboard_on_a_taken_port_is_a_named_error(storage):
     pytest.importorskip("optuna_dashboard")
-    from autocomp.report.dashboard import run_dashboard
+    from autocomp.reporting.dashboard import run_dashboard
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -442,7 +443,7 @@ def free_port() -> int:
 def test_dashboard_serves_the_studies(storage, tmp_path):
     pytest.importorskip("optuna_dashboard")
     port = free_port()
-    code = "import sys; from autocomp.report.dashboard import run_dashboard; run_dashboard(sys.argv[1], port=int(sys.argv[2]))"
+    code = "import sys; from autocomp.reporting.dashboard import run_dashboard; run_dashboard(sys.argv[1], port=int(sys.argv[2]))"
     log = (tmp_path / "dashboard.log").open("w")
     proc = subprocess.Popen([sys.executable, "-c", code, storage, str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from autocomp.calibration import LayerStats
-from autocomp.compressors import compress_weight
+from autocomp.pipeline.calibration import LayerStats
+from autocomp.pipeline.layer import compress_weight
 from autocomp.evaluators.size import MB, kept_weights, layer_size, model_size
-from autocomp.models import load_model
-from autocomp.plan import LayerPlan
-from autocomp.targets import find_targets, get_module
+from autocomp.inputs.models import load_model
+from autocomp.config.plan import LayerPlan
+from autocomp.inputs.targets import find_targets, get_module
 
 ARCHS = ("llama", "gemma3", "gpt2", "opt", "qwen2")
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 import yaml
 
-from autocomp.compressors import compress_weight
+from autocomp.pipeline.layer import compress_weight
 from autocomp.compressors.registry import available_compressors, get_compressor
 from autocomp.errors import SpaceError
-from autocomp.models import load_model
-from autocomp.plan import DENSE, LayerPlan
-from autocomp.space import BUILTIN_DIR, SearchSpace
-from autocomp.targets import find_targets
+from autocomp.inputs.models import load_model
+from autocomp.config.plan import DENSE, LayerPlan
+from autocomp.config.space import BUILTIN_DIR, SearchSpace
+from autocomp.inputs.targets import find_targets
 
-SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACE_DIR = Path(__file__).resolve().parent.parent / "autocomp" / "config" / "spaces"
 SHIPPED = sorted(SPACE_DIR.glob("*.yaml"))
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -12,14 +12,14 @@ import torch
 from cli_helpers import SMALL, assert_ok, run_cli
 from tiny import ARCHS
 
-from autocomp.data import WindowSpec, text_windows
+from autocomp.inputs.data import WindowSpec, text_windows
 from autocomp.errors import PlanError, SpaceError
 from autocomp.evaluators.quality import score_windows
-from autocomp.models import load_model
-from autocomp.plan import CompressionPlan
-from autocomp.space import SearchSpace
+from autocomp.inputs.models import load_model
+from autocomp.config.plan import CompressionPlan
+from autocomp.config.space import SearchSpace
 from autocomp.students.build import build_student
-from autocomp.students.cost import CostAwareSampler, allowed_steps, cap_steps
+from autocomp.samplers.cost_aware import CostAwareSampler, allowed_steps, cap_steps
 from autocomp.students.distill import TeacherTopK, distill, lr_at, soft_kl, topk_kl
 from autocomp.students.prune import prune_student, teacher_dims
 from autocomp.students.spec import DistillSpec, StudentSpec
@@ -195,7 +195,7 @@ def test_bad_student_sections_are_named(student, words):
 
 
 def test_student_sizes_a_teacher_cannot_take_fail_before_any_trial(tiny_models):
-    from autocomp.spec import StudySpec
+    from autocomp.config.spec import StudySpec
     from autocomp.study.evaluate import TrialEvaluator
 
     space = SearchSpace.from_dict({"name": "heads", "student": {"heads": [1.0, 0.5]}}, "heads.yaml")
@@ -292,7 +292,7 @@ def test_joint_search_front_contains_distilled_students(tiny_models, tmp_path, c
     out = tmp_path / "export"
     assert_ok(run_cli(["export", "--storage", f"sqlite:///{db}", "--study-name", "joint", "--trial", number,
                        "--out", out], tmp_path, cache_dir))
-    from autocomp.models import load_model
+    from autocomp.inputs.models import load_model
 
     exported = load_model(str(out)).model   # the packed format: the student's config, its layers packed
     spec = CompressionPlan.from_dict(json.loads((out / "plan.json").read_text())).student
@@ -315,8 +315,8 @@ def test_teacher_dims_of_every_family(tiny_models):
 
 
 def test_layer_plans_follow_the_teacher_blocks_a_student_keeps(tiny_models):
-    from autocomp.plan import LayerPlan
-    from autocomp.spec import StudySpec
+    from autocomp.config.plan import LayerPlan
+    from autocomp.config.spec import StudySpec
     from autocomp.study.evaluate import TrialEvaluator, teacher_target_name
 
     assert teacher_target_name("model.layers.1.mlp.up_proj", "model.layers", (0, 3)) == "model.layers.3.mlp.up_proj"

@@ -14,7 +14,7 @@ import torch
 from tiny import ARCHS, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from autocomp.data import load_named_split, tokenize
+from autocomp.inputs.data import load_named_split, tokenize
 from autocomp.errors import PlanError
 from autocomp.students.arch import family_of_model
 from autocomp.students.prune import (
@@ -26,7 +26,7 @@ from autocomp.students.prune import (
     width_importance,
 )
 from autocomp.students.spec import StudentSpec
-from autocomp.targets import read_weight
+from autocomp.inputs.targets import read_weight
 
 
 @pytest.fixture(scope="module")

@@ -168,10 +168,10 @@ def test_sigkill_mid_trial_then_resume(tiny_models, tmp_path, cache_dir):
 # ---- (c) a trial that raises ---------------------------------------------------------------------
 
 def _spec(model, budgets=None, sampler="nsga2"):
-    from autocomp.data import WindowSpec
-    from autocomp.objectives import Budgets
-    from autocomp.space import SearchSpace
-    from autocomp.spec import StudySpec
+    from autocomp.inputs.data import WindowSpec
+    from autocomp.config.objectives import Budgets
+    from autocomp.config.space import SearchSpace
+    from autocomp.config.spec import StudySpec
 
     return StudySpec(model=str(model), space=SearchSpace.load("bits"), eval_windows=WindowSpec(4, 64),
                      calib_windows=WindowSpec(4, 64, 0), budgets=budgets or Budgets(), sampler=sampler)
@@ -271,7 +271,7 @@ def test_tpe_sampler_runs(tpe_study):
 
 def test_python_api_matches_the_cli(tpe_study, tmp_path):
     import autocomp
-    from autocomp.objectives import Budgets
+    from autocomp.config.objectives import Budgets
 
     folder, url, model, cache = tpe_study
     spec = _spec(model, Budgets(max_ppl_increase_pct=0.1), sampler="tpe")

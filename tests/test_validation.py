@@ -24,7 +24,7 @@ def validated(tiny_models, tmp_path_factory):
 
 
 def _load(url):
-    from autocomp.front import load_records
+    from autocomp.store.records import load_records
     from autocomp.validation.runner import load_validation
 
     return load_records(url, "v"), load_validation(url, "v")
@@ -86,12 +86,12 @@ def test_interval_is_deterministic_and_degenerate_when_models_agree():
 
 
 def test_interval_on_a_real_model_narrows_with_more_windows(tiny_models):
-    from autocomp.data import WindowSpec, text_windows
+    from autocomp.inputs.data import WindowSpec, text_windows
     from autocomp.evaluators.quality import score_windows
-    from autocomp.models import load_model
-    from autocomp.plan import LayerPlan
-    from autocomp.stitch import ModelStitcher
-    from autocomp.targets import find_targets
+    from autocomp.inputs.models import load_model
+    from autocomp.config.plan import LayerPlan
+    from autocomp.pipeline.stitch import ModelStitcher
+    from autocomp.inputs.targets import find_targets
     from autocomp.validation.bootstrap import paired_increase_interval
 
     loaded = load_model(str(tiny_models["llama"]))
@@ -110,9 +110,9 @@ def test_interval_on_a_real_model_narrows_with_more_windows(tiny_models):
 # ---- windows -------------------------------------------------------------------------------------
 
 def test_heldout_windows_follow_the_searched_ones(tiny_models):
-    from autocomp.data import WindowSpec, text_windows
+    from autocomp.inputs.data import WindowSpec, text_windows
     from autocomp.errors import DataError
-    from autocomp.models import load_model
+    from autocomp.inputs.models import load_model
 
     tok = load_model(str(tiny_models["llama"])).tokenizer
     both = text_windows(tok, "wikitext2", "test", WindowSpec(6, 64), random=False)
@@ -183,8 +183,8 @@ def test_recommend_flags_a_config_that_breaks_the_budget_held_out(validated):
 
 
 def test_verdict_rules_on_stored_figures():
-    from autocomp.front import TrialRecord
-    from autocomp.objectives import Budgets
+    from autocomp.store.records import TrialRecord
+    from autocomp.config.objectives import Budgets
     from autocomp.validation.verdicts import verdict
 
     record = TrialRecord(3, {"perplexity": 10.3, "size_mb": 100.0, "kl": 0.01}, {})
@@ -271,7 +271,7 @@ def test_validate_with_an_lm_eval_task_and_an_accuracy_budget(validated):
             validation["trials"][key]["verdict"]["search_feasible"]  # a 100-point budget cannot break
     # the accuracy budgets are stored with the validation, and apply when none are given
     assert validation["acc_budgets"] == {"wikitext_lastword": 100.0}
-    from autocomp.front import load_records
+    from autocomp.store.records import load_records
     from autocomp.validation.verdicts import recommend_validated
 
     records = load_records(url, "v")

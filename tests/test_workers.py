@@ -26,9 +26,9 @@ def cache_dir(tmp_path_factory):
 
 
 def _spec(model, **extra):
-    from autocomp.data import WindowSpec
-    from autocomp.space import SearchSpace
-    from autocomp.spec import StudySpec
+    from autocomp.inputs.data import WindowSpec
+    from autocomp.config.space import SearchSpace
+    from autocomp.config.spec import StudySpec
 
     space = SearchSpace.from_dict({"name": "bits", "granularity": "layer",
                                    "quantization": {"methods": ["rtn"], "bits": [2, 4, 8], "group_size": [32]}}, "b")
@@ -37,7 +37,7 @@ def _spec(model, **extra):
 
 
 def test_sqlite_storage_is_opened_in_wal_mode(tmp_path):
-    from autocomp.study.storage import open_storage
+    from autocomp.store.urls import open_storage
 
     path = tmp_path / "study.db"
     open_storage(f"sqlite:///{path}")
@@ -48,7 +48,7 @@ def test_a_trial_whose_heartbeat_stops_is_failed_and_queued_again(tmp_path, monk
     """A worker on another host (its pid means nothing here) stops beating: after the grace period the
     trial is failed with the reason and its configuration queued again, at most MAX_RETRIES times."""
     from autocomp.study.recovery import MAX_RETRIES, Heartbeat, claim, grace_period, recover_dead_trials
-    from autocomp.study.storage import open_storage
+    from autocomp.store.urls import open_storage
 
     monkeypatch.setenv("AUTOCOMP_HEARTBEAT_S", "1")
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=True)
@@ -77,8 +77,8 @@ def test_a_trial_whose_heartbeat_stops_is_failed_and_queued_again(tmp_path, monk
 def test_an_identical_configuration_is_not_evaluated_twice(tiny_models, tmp_path):
     """The same configuration queued twice: the second trial takes the first one's figures."""
     from autocomp import api
-    from autocomp.study.prepare import load_existing
-    from autocomp.study.storage import open_storage
+    from autocomp.store.schema import load_existing
+    from autocomp.store.urls import open_storage
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = _spec(tiny_models["llama"])
@@ -205,7 +205,7 @@ def test_a_ray_worker_that_cannot_start_is_a_setup_error_not_a_lost_worker():
 _CLAIMER = """
 import sys, warnings
 import optuna
-from autocomp.study.storage import open_storage
+from autocomp.store.urls import open_storage
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.simplefilter("ignore")
 study = optuna.load_study(study_name="race", storage=open_storage(sys.argv[1]))
@@ -224,7 +224,7 @@ print(" ".join(map(str, got)))
 def test_processes_sharing_a_sqlite_study_never_claim_the_same_queued_trial(tmp_path):
     """SQLite ignores SELECT ... FOR UPDATE: without immediate transactions two processes can both see
     a queued trial as waiting and both run it (seen with two autocomp workers)."""
-    from autocomp.study.storage import open_storage
+    from autocomp.store.urls import open_storage
 
     url = f"sqlite:///{tmp_path / 'race.db'}"
     study = optuna.create_study(study_name="race", storage=open_storage(url))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from autocomp.data import load_named_split
+from autocomp.inputs.data import load_named_split
 
 VOCAB = 384
 

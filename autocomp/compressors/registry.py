@@ -69,12 +69,7 @@ def register_compressor(name: str, kind: Kind, needs_calibration: bool = False,
     return decorate
 
 
-def _ensure_builtins() -> None:
-    import autocomp.compressors  # noqa: F401  (registers the built-in compressors)
-
-
 def get_compressor(name: str) -> CompressorEntry:
-    _ensure_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -82,7 +77,6 @@ def get_compressor(name: str) -> CompressorEntry:
 
 
 def available_compressors(kind: Kind | None = None) -> list[str]:
-    _ensure_builtins()
     return sorted(n for n, e in _REGISTRY.items() if kind is None or e.kind == kind)
 
 

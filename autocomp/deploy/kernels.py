@@ -77,11 +77,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autocomp.compressors.apply import CompressedWeight
+from autocomp.pipeline.layer import CompressedWeight
 from autocomp.compressors.rtn import QuantizedWeight, dequantize_codes, resolve_group_size
 from autocomp.errors import PlanError
-from autocomp.plan import DENSE, DENSE_BITS, LayerPlan
-from autocomp.targets import Target, write_weight
+from autocomp.config.plan import DENSE, DENSE_BITS, LayerPlan
+from autocomp.inputs.targets import Target, write_weight
 
 INT4_OP_GROUPS = (256, 128, 64, 32)   # group sizes the int4 ops take, largest first
 INT4_OUT_MULTIPLE = 16                # CPU packing needs out % 16 (CUDA: 8; ROCm: 16)

@@ -1,6 +1,6 @@
 """Packing one simulated compressed layer into the tensors a deployment format stores, and back.
 
-Compression is simulated in float (:class:`~autocomp.compressors.apply.CompressedWeight`); this
+Compression is simulated in float (:class:`~autocomp.pipeline.layer.CompressedWeight`); this
 module stores exactly what :func:`autocomp.evaluators.size.layer_size` accounts for, so the bytes of
 a packed layer equal its accounted bytes up to rounding each tensor to whole bytes.
 
@@ -42,10 +42,10 @@ from typing import Any, Mapping
 
 import torch
 
-from autocomp.compressors.apply import CompressedWeight
+from autocomp.pipeline.layer import CompressedWeight
 from autocomp.compressors.rtn import QuantizedWeight, dequantize_codes, resolve_group_size
 from autocomp.errors import AutocompError, PlanError
-from autocomp.plan import DENSE_BITS, LayerPlan, parse_nm
+from autocomp.config.plan import DENSE_BITS, LayerPlan, parse_nm
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                                           "float32": torch.float32}

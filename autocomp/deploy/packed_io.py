@@ -39,7 +39,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from autocomp.compressors.apply import CompressedWeight
+from autocomp.pipeline.layer import CompressedWeight
 from autocomp.deploy.pack import (
     LayerFormat,
     PackedFormatError,
@@ -49,8 +49,8 @@ from autocomp.deploy.pack import (
     unpack_layer,
 )
 from autocomp.errors import PlanError
-from autocomp.plan import DENSE, LayerPlan
-from autocomp.targets import Target, find_targets, get_module, read_weight, write_weight
+from autocomp.config.plan import DENSE, LayerPlan
+from autocomp.inputs.targets import Target, find_targets, get_module, read_weight, write_weight
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PACKED_FILE", "PackedFormatError", "PackedInfo", "load_packed",
            "save_packed"]

@@ -27,8 +27,8 @@ from torch import nn
 from autocomp.compressors.masks import n_pruned
 from autocomp.compressors.registry import get_compressor
 from autocomp.compressors.rtn import n_groups
-from autocomp.plan import DENSE_BITS, LayerPlan
-from autocomp.targets import Target, get_module
+from autocomp.config.plan import DENSE_BITS, LayerPlan
+from autocomp.inputs.targets import Target, get_module
 
 SCALE_BITS = 16
 MB = 1_000_000

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from autocomp.errors import PlanError
-from autocomp.targets import find_decoder_blocks
+from autocomp.inputs.targets import find_decoder_blocks
 
 LLAMA_LIKE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 SUPPORTED_TYPES = LLAMA_LIKE_TYPES + ("opt", "gpt2")

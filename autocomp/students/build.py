@@ -53,7 +53,7 @@ class BuiltStudent:
 def student_windows(tokenizer, spec: StudentSpec):
     """The distillation (and importance) windows of ``spec``: random windows of its data and split,
     each starting with BOS (fixed, so that a plan alone determines its student)."""
-    from autocomp.data import WindowSpec, text_windows
+    from autocomp.inputs.data import WindowSpec, text_windows
 
     d = spec.distill
     return text_windows(tokenizer, d.data, d.split, WindowSpec(d.windows, d.seq_len, d.seed), random=True, bos="every")
@@ -65,14 +65,14 @@ def student_digest(fingerprint: str, spec: StudentSpec, windows_sha: str) -> str
 
 
 def _students_root(cache_dir: Path | None) -> Path:
-    from autocomp.models import cache_root
+    from autocomp.inputs.models import cache_root
 
     return Path(cache_dir) if cache_dir is not None else cache_root() / "students"
 
 
 def teacher_topk(teacher, fingerprint: str, windows, k: int) -> "TeacherTopK":  # noqa: F821
     """The teacher's top-k targets on ``windows`` (computed once, then read from disk)."""
-    from autocomp.models import cache_root
+    from autocomp.inputs.models import cache_root
     from autocomp.students.distill import TeacherTopK
 
     digest = hashlib.sha256(f"{fingerprint}:{windows.sha256}:{k}".encode()).hexdigest()[:20]

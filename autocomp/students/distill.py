@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocomp.students.spec import DistillSpec
-from autocomp.targets import find_decoder_blocks
+from autocomp.inputs.targets import find_decoder_blocks
 
 CHECKPOINT = "distill-checkpoint.pt"
 

@@ -44,7 +44,7 @@ from autocomp.students.arch import (
     teacher_dims,
 )
 from autocomp.students.spec import StudentSpec
-from autocomp.targets import read_weight
+from autocomp.inputs.targets import read_weight
 
 __all__ = ["StudentModel", "layer_importance", "prune_student", "resolve_student", "student_config", "teacher_dims",
            "width_importance"]

@@ -14,7 +14,7 @@
         alpha: [0.5]
         lr: 1.0e-4
         seq_len: 256
-      cost_aware: true             # cheap distillation budgets first (see autocomp.students.cost)
+      cost_aware: true             # cheap distillation budgets first (see autocomp.samplers.cost_aware)
       cost_share: 0.5
 
 Every listed value becomes a categorical Optuna parameter ``student:<name>`` (when it has more than

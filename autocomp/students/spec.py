@@ -1,6 +1,6 @@
 """What a student is: its shape (depth, FFN width, heads) and how it is distilled, as typed data.
 
-A :class:`StudentSpec` is part of a :class:`~autocomp.plan.CompressionPlan` (key ``"student"``)::
+A :class:`StudentSpec` is part of a :class:`~autocomp.config.plan.CompressionPlan` (key ``"student"``)::
 
     "student": {"layers": 12, "ffn": 1536, "heads": 3, "kv_heads": null,
                 "depth_importance": "bi", "width_importance": "activation",

@@ -18,20 +18,20 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from autocomp.cache import LayerVariantCache
-from autocomp.calibration import collect_input_stats, stats_digest
-from autocomp.data import Windows, eval_source, text_windows
+from autocomp.pipeline.variants import LayerVariantCache
+from autocomp.pipeline.calibration import collect_input_stats, stats_digest
+from autocomp.inputs.data import Windows, eval_source, text_windows
 from autocomp.evaluators.quality import DenseReference, WindowScores, score_windows
 from autocomp.evaluators.size import model_size
-from autocomp.models import LoadedModel, cache_root, load_model
-from autocomp.objectives import ppl_increase_pct
-from autocomp.plan import LayerPlan, summarize
-from autocomp.spec import StudySpec
-from autocomp.stitch import ModelStitcher
-from autocomp.targets import Target, find_decoder_blocks, find_targets
+from autocomp.inputs.models import LoadedModel, cache_root, load_model
+from autocomp.config.objectives import ppl_increase_pct
+from autocomp.config.plan import LayerPlan, summarize
+from autocomp.config.spec import StudySpec
+from autocomp.pipeline.stitch import ModelStitcher
+from autocomp.inputs.targets import Target, find_decoder_blocks, find_targets
 
 if TYPE_CHECKING:
-    from autocomp.plan import CompressionPlan
+    from autocomp.config.plan import CompressionPlan
     from autocomp.students.spec import StudentSpec
     from autocomp.study.staged import Screen
 
@@ -120,7 +120,7 @@ class TrialEvaluator:
         self._current_targets, self._current_plan, self._sequential_weights = self.all_targets, {}, {}
         self.latency = None
         if spec.latency is not None:
-            from autocomp.deploy.measure import LatencyEvaluator
+            from autocomp.latency.trial import LatencyEvaluator
 
             self.latency = LatencyEvaluator(spec.latency, spec.budgets, model, self.all_targets, cache_root() / "latency")
         self.teacher_dims: dict[str, int] = {}
@@ -173,8 +173,8 @@ class TrialEvaluator:
 
     def fisher_factors(self, max_windows: int = 16):
         """Gradient-weighted factors of the searched targets on (at most ``max_windows`` of) the
-        calibration windows, for ``sensitivity: fisher`` (see :mod:`autocomp.fisher`)."""
-        from autocomp.fisher import gradient_factors
+        calibration windows, for ``sensitivity: fisher`` (see :mod:`autocomp.sensitivity.fisher`)."""
+        from autocomp.sensitivity.fisher import gradient_factors
 
         windows = self.calib_windows
         if windows is None:  # a data-free space: calibration windows only for this pass
@@ -238,7 +238,7 @@ class TrialEvaluator:
         self.current_model = self.loaded.model
         self._current_targets, self._sequential_weights = self.all_targets, {}
         if self.sequential and self.calib_windows is not None and any(not lp.is_dense for lp in plan.values()):
-            from autocomp.sequential import compress_sequential
+            from autocomp.pipeline.sequential import compress_sequential
 
             changed = [n for n, lp in plan.items() if not lp.is_dense]
             self.stitcher.prepare_external_write(changed)
@@ -260,7 +260,7 @@ class TrialEvaluator:
         return self.current_model, self._current_targets, dict(self._current_plan)
 
     def latency_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """Latency and memory of the current model (:class:`~autocomp.deploy.measure.LatencyEvaluator`);
+        """Latency and memory of the current model (:class:`~autocomp.latency.trial.LatencyEvaluator`);
         a candidate already over a quality or size budget is not measured, only predicted."""
         if self.latency is None:
             return {}

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from autocomp.errors import StudyError
-from autocomp.spec import StudySpec
+from autocomp.config.spec import StudySpec
 from autocomp.study.loop import count_completed, trial_loop
-from autocomp.study.prepare import (PINNED_ATTR, SENSITIVITY_ATTR, check_spec, load_existing, make_sampler,
-                                    prepare_study)
+from autocomp.samplers import make_sampler
+from autocomp.store.schema import PINNED_ATTR, SENSITIVITY_ATTR, load_existing
+from autocomp.study.prepare import check_spec, prepare_study
 from autocomp.study.recovery import recover_dead_trials
-from autocomp.study.storage import open_storage
+from autocomp.store.urls import open_storage
 
 
 @dataclass

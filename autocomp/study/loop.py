@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from autocomp.errors import AutocompError, StudyError
-from autocomp.objectives import objective_values
-from autocomp.plan import CompressionPlan
-from autocomp.spec import StudySpec
+from autocomp.config.objectives import objective_values
+from autocomp.config.plan import CompressionPlan
+from autocomp.config.spec import StudySpec
+from autocomp.store.schema import optuna_quiet
 from autocomp.study.recovery import Heartbeat, claim, recover_dead_trials, requeue
 from autocomp.study.staged import Screen, StagedConfig, TrialPruned
 
@@ -52,23 +53,16 @@ class LoopCounts:
         self.reused += other.reused
 
 
-def _optuna():
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
-
-
 def count_completed(study) -> int:
     """Finished trials: completed, plus those stopped by staged evaluation (they were evaluated)."""
-    optuna = _optuna()
+    optuna = optuna_quiet()
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=states))
 
 
 def trial_counts(study) -> tuple[int, int]:
     """(finished, running) trials, from one read of the storage."""
-    optuna = _optuna()
+    optuna = optuna_quiet()
     S = optuna.trial.TrialState
     states = [t.state for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.RUNNING))]
     running = states.count(S.RUNNING)
@@ -76,7 +70,7 @@ def trial_counts(study) -> tuple[int, int]:
 
 
 def feasible_metrics(study, spec: StudySpec, dense_ppl: float) -> list[dict[str, float]]:
-    optuna = _optuna()
+    optuna = optuna_quiet()
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         m = t.user_attrs.get("metrics")
@@ -93,7 +87,7 @@ def trial_loop(study, spec: StudySpec, evaluator, n_trials: int, *, worker: str,
                progress: bool = True, echo: Callable[[str], None] = print, claim_attrs: Mapping[str, Any] | None = None,
                should_stop: Callable[[], bool] | None = None) -> LoopCounts:
     """Run trials until the study holds ``n_trials`` finished ones (or ``should_stop()``)."""
-    optuna = _optuna()
+    optuna = optuna_quiet()
     dense_ppl = evaluator.dense.perplexity
     counts = LoopCounts()
     consecutive = 0
@@ -176,7 +170,7 @@ def trial_loop(study, spec: StudySpec, evaluator, n_trials: int, *, worker: str,
 def _twin(study, trial, poll_s: float = POLL_S):
     """A finished trial with the same configuration, waiting for one that a lower-numbered running trial
     is evaluating right now; None if there is none (or it failed)."""
-    optuna = _optuna()
+    optuna = optuna_quiet()
     S = optuna.trial.TrialState
     key = params_key(trial.params)
     while True:

@@ -8,70 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from autocomp import __version__
+from autocomp._version import __version__
 from autocomp.errors import AutocompError, BudgetError, StudyError
-from autocomp.spec import StudySpec, spec_differences
-from autocomp.study.storage import mask_url
-
-SPEC_ATTR = "autocomp_spec"
-HASH_ATTR = "autocomp_spec_hash"
-DENSE_ATTR = "autocomp_dense"
-BASELINES_ATTR = "autocomp_baselines_enqueued"
-SENSITIVITY_ATTR = "autocomp_sensitivity"
-PINNED_ATTR = "autocomp_pinned"
-TARGET_ATTR = "autocomp_n_trials"   # the finished-trial count the latest search asked for (workers' default)
-
-
-def _optuna():
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
-
-
-def make_sampler(spec: StudySpec, evaluator=None, pinned: Mapping[str, Any] | None = None, table=None,
-                 seed: int | None = None):
-    """NSGA-II (default), multivariate TPE or level-switch mutation (``evo``, needs the evaluator's
-    targets), seeded. Budgets reach NSGA-II and TPE as per-trial constraints (``trial.set_constraint``),
-    which they read from the stored trials; ``evo`` mutates the feasible front by the stored metrics.
-    A space with searched distillation steps wraps it in the cost-aware sampler
-    (:mod:`autocomp.students.cost`) unless ``student.cost_aware`` is false."""
-    seed = spec.seed if seed is None else seed
-    student = spec.space.student
-    if student is not None and student.cost_aware and len(dict(student.all_dimensions())["steps"]) > 1:
-        from autocomp.students.cost import CostAwareSampler
-
-        return CostAwareSampler(_base_sampler(spec, seed, evaluator, pinned, table), student.cost_share)
-    return _base_sampler(spec, seed, evaluator, pinned, table)
-
-
-def _base_sampler(spec: StudySpec, seed: int, evaluator, pinned, table):
-    optuna = _optuna()
-    if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    if spec.sampler == "evo" and evaluator is not None:
-        from autocomp.study.evo import LevelSwitchSampler, choice_ladders, ladder_errors
-
-        dense_ppl = evaluator.dense.perplexity
-
-        def feasible(trial) -> bool:
-            metrics = trial.user_attrs.get("metrics")
-            return bool(metrics) and spec.budgets.feasible(metrics, dense_ppl)
-
-        ladders = choice_ladders(spec.space, evaluator.targets, pinned)
-        errors = ladder_errors(ladders, table) if table else None
-        return LevelSwitchSampler(ladders, feasible, seed=seed, errors=errors)
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
-
-
-def load_existing(storage, study_name: str):
-    """The study if it exists, else None."""
-    optuna = _optuna()
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return None
-
+from autocomp.config.spec import StudySpec, spec_differences
+from autocomp.samplers import make_sampler
+from autocomp.store.schema import (BASELINES_ATTR, DENSE_ATTR, HASH_ATTR, PINNED_ATTR, SENSITIVITY_ATTR, SPEC_ATTR,
+                                   TARGET_ATTR, optuna_quiet, write_header)
+from autocomp.store.urls import mask_url
 
 def check_spec(study, spec: StudySpec) -> None:
     stored_hash = study.user_attrs.get(HASH_ATTR)
@@ -106,7 +49,7 @@ def prepare_study(spec: StudySpec, storage, storage_url: str, study_name: str, e
                   echo: Callable[[str], None] = print, progress: bool = True):
     """Create the study (or check the stored one), record the dense figures and the target, and queue
     the initial trials once. ``evaluator`` has the model loaded. Returns the study."""
-    optuna = _optuna()
+    optuna = optuna_quiet()
     if spec.budgets.max_size_mb is not None:
         floor = evaluator.min_size_mb()
         if floor > spec.budgets.max_size_mb:
@@ -125,9 +68,7 @@ def prepare_study(spec: StudySpec, storage, storage_url: str, study_name: str, e
     if HASH_ATTR in study.user_attrs:  # resumed, or another process created it a moment ago
         check_spec(study, spec)
     else:
-        study.set_user_attr(SPEC_ATTR, spec.to_dict())
-        study.set_user_attr(HASH_ATTR, spec.digest())
-        study.set_user_attr("autocomp_version", __version__)
+        write_header(study, spec.to_dict(), spec.digest(), __version__)
     study.set_user_attr(DENSE_ATTR, {"perplexity": evaluator.dense.perplexity, "size_mb": evaluator.dense.size_mb,
                                      "size_bytes": evaluator.dense.size_bytes, **latency})
     study.set_user_attr(TARGET_ATTR, n_trials)
@@ -138,7 +79,7 @@ def prepare_study(spec: StudySpec, storage, storage_url: str, study_name: str, e
 
 def enqueue_initial(study, spec: StudySpec, evaluator, echo: Callable[[str], None], progress: bool) -> None:
     """First run of a study: the sensitivity pass (if asked), the uniform baselines, the seeded allocations."""
-    from autocomp.study.sensitivity import choice_label, pinned_groups, seeded_params, sensitivity_table
+    from autocomp.sensitivity.table import choice_label, pinned_groups, seeded_params, sensitivity_table
 
     pinned: dict[str, dict[str, Any]] = {}
     table = None

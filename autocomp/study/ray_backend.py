@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autocomp.errors import AutocompError, ClusterError, DependencyError, StudyError
-from autocomp.spec import StudySpec
+from autocomp.config.spec import StudySpec
 from autocomp.study.local import SearchOutcome, finished_already
 from autocomp.study.loop import LoopCounts, count_completed, progress_bar, say, trial_counts
-from autocomp.study.prepare import BASELINES_ATTR, TARGET_ATTR, load_existing
+from autocomp.store.schema import BASELINES_ATTR, TARGET_ATTR, load_existing
 from autocomp.study.recovery import fail_worker_trials
-from autocomp.study.storage import is_sqlite, mask_url, open_storage
+from autocomp.store.urls import is_sqlite, mask_url, open_storage
 
 POLL_S = 1.0
 KILL_WAIT_S = 10.0  # how long a killed actor gets to be reported dead

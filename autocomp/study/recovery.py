@@ -21,37 +21,11 @@ import os
 import socket
 import threading
 
+from autocomp.store.schema import optuna_quiet
+from autocomp.store.urls import grace_period, heartbeat_interval  # noqa: F401  (re-exported for the backends)
+
 MAX_RETRIES = 2
 UNCLAIMED_GRACE_S = 60
-DEFAULT_HEARTBEAT_S = 10
-
-
-def heartbeat_interval() -> int:
-    """Seconds between heartbeats (``AUTOCOMP_HEARTBEAT_S``, default 10)."""
-    raw = os.environ.get("AUTOCOMP_HEARTBEAT_S", str(DEFAULT_HEARTBEAT_S))
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        from autocomp.errors import StudyError
-
-        raise StudyError(f"AUTOCOMP_HEARTBEAT_S must be a whole number of seconds >= 1, got {raw!r}")
-    return value
-
-
-def grace_period() -> int:
-    """A running trial without a heartbeat for this long is dead: 6 missed beats, at least 6 s."""
-    return 6 * heartbeat_interval()
-
-
-def _optuna():
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -100,7 +74,7 @@ def requeue(study, trial, retries: int) -> bool:
 
 def fail_and_requeue(study, trial, reason: str) -> bool:
     """Mark a RUNNING trial failed with ``reason`` and queue its retry. False if it had finished meanwhile."""
-    optuna = _optuna()
+    optuna = optuna_quiet()
     storage = study._storage
     try:
         storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
@@ -114,7 +88,7 @@ def fail_and_requeue(study, trial, reason: str) -> bool:
 
 def recover_dead_trials(study) -> int:
     """Fail the RUNNING trials known dead (see the module doc) and queue their retries. Returns the count."""
-    optuna = _optuna()
+    optuna = optuna_quiet()
     host = socket.gethostname()
     recovered = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -134,7 +108,7 @@ def recover_dead_trials(study) -> int:
 
 def fail_worker_trials(study, worker: str, reason: str) -> int:
     """Fail (and queue again) the RUNNING trials of ``worker``, whose death the caller saw."""
-    optuna = _optuna()
+    optuna = optuna_quiet()
     lost = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if t.user_attrs.get("worker") == worker and fail_and_requeue(study, t, reason):

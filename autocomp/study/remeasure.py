@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from autocomp.errors import StudyError
+from autocomp.store.schema import REMEASURED_ATTR
 
-REMEASURED_ATTR = "autocomp_remeasured"
-OVERLAID = ("latency_ms", "prefill_ms", "decode_ms", "memory_mb", "model_mb", "decode_ms_iqr_pct",
-            "prefill_ms_iqr_pct", "kernel_layers", "no_kernel_layers")
 
 
 @dataclass
@@ -40,29 +38,18 @@ class RemeasureOutcome:
                 f"median {statistics.median(errs):.1f}%, max {max(errs):.1f}%")
 
 
-def overlay(metrics: dict, entry: dict) -> dict:
-    """A trial's metrics with its re-measured figures in place of the search's (kept as ``*_search``)."""
-    out = dict(metrics)
-    for name in OVERLAID:
-        if name in entry:
-            if name in out:
-                out[f"{name}_search"] = out[name]
-            out[name] = entry[name]
-    out["latency_remeasured"] = 1.0
-    return out
-
-
 def remeasure_front(storage_url: str, study_name: str, evaluator=None, echo: Callable[[str], None] = print,
                     max_rounds: int = 50) -> RemeasureOutcome:
     """Re-measure the feasible front until all of it is re-measured (module docstring).
 
     ``evaluator``: a :class:`~autocomp.study.evaluate.TrialEvaluator` of this study already holding the
     model (the search's own); None loads one."""
-    from autocomp.deploy.measure import kernel_summary, measure_deployed
-    from autocomp.front import load_records, pareto_front
-    from autocomp.plan import CompressionPlan
-    from autocomp.study.prepare import load_existing
-    from autocomp.study.storage import open_storage
+    from autocomp.latency.trial import kernel_summary, measure_deployed
+    from autocomp.front import pareto_front
+    from autocomp.store.records import load_records
+    from autocomp.config.plan import CompressionPlan
+    from autocomp.store.schema import load_existing
+    from autocomp.store.urls import open_storage
 
     records = load_records(storage_url, study_name)
     spec = records.spec

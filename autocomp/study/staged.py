@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from autocomp.objectives import Budgets
+from autocomp.config.objectives import Budgets
 
 # two-sided 95% Student t quantiles by degrees of freedom (1..30); beyond that the normal 1.96
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,

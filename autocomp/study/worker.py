@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from autocomp.errors import StudyError
-from autocomp.spec import StudySpec
+from autocomp.config.spec import StudySpec
 from autocomp.study.local import SearchOutcome, finished_already, worker_name, worker_sampler
 from autocomp.study.loop import LoopCounts, count_completed, trial_loop
-from autocomp.study.prepare import BASELINES_ATTR, HASH_ATTR, TARGET_ATTR, load_existing, prepare_study, stored_spec
-from autocomp.study.storage import mask_url, open_storage
+from autocomp.store.schema import BASELINES_ATTR, HASH_ATTR, TARGET_ATTR, load_existing
+from autocomp.study.prepare import prepare_study, stored_spec
+from autocomp.store.urls import mask_url, open_storage
 
 
 def worker_seed(spec: StudySpec, worker: str, primary: bool) -> int:

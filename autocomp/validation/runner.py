@@ -25,15 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from autocomp.errors import StudyError
-from autocomp.front import StudyRecords, find_trial, load_records, pareto_front
-from autocomp.objectives import Budgets
-from autocomp.plan import CompressionPlan
+from autocomp.store.schema import VALIDATION_ATTR, load_existing
+from autocomp.front import pareto_front
+from autocomp.store.records import StudyRecords, find_trial, load_records
+from autocomp.config.objectives import Budgets
+from autocomp.config.plan import CompressionPlan
 from autocomp.validation.bootstrap import (mean_interval, paired_drop_interval, paired_increase_interval,
                                           perplexity_interval)
 from autocomp.validation import SEARCH, VALIDATION_VERSION
 from autocomp.validation.sets import EvalSet, study_sets
 
-VALIDATION_ATTR = "autocomp_validation"
 
 
 @dataclass
@@ -63,8 +64,7 @@ def default_trials(study: StudyRecords) -> list[int]:
 
 
 def _study_handle(storage_url: str, study_name: str):
-    from autocomp.study.prepare import load_existing
-    from autocomp.study.storage import open_storage
+    from autocomp.store.urls import open_storage
 
     return load_existing(open_storage(storage_url, must_exist=True), study_name)
 

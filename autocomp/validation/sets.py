@@ -14,9 +14,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from autocomp.data import EVAL_SPLIT, WindowSpec, eval_source, is_named_dataset, text_windows, validate_data_ref
+from autocomp.inputs.data import EVAL_SPLIT, WindowSpec, eval_source, is_named_dataset, text_windows, validate_data_ref
 from autocomp.errors import DataError
-from autocomp.spec import StudySpec
+from autocomp.config.spec import StudySpec
 from autocomp.validation import HELDOUT, SEARCH
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")

@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from autocomp.front import StudyRecords, TrialRecord, choose, non_dominated, quality_objective
-from autocomp.objectives import Budgets
+from autocomp.front import choose, quality_objective
+from autocomp.pareto import non_dominated
+from autocomp.store.records import StudyRecords, TrialRecord
+from autocomp.config.objectives import Budgets
 from autocomp.validation import HELDOUT, SEARCH
 
 

@@ -99,7 +99,7 @@ def task_config(data_file: Path) -> dict[str, Any]:
 
 
 def _load_source() -> tuple[str, str, str]:
-    from autocomp.data import load_named_split
+    from autocomp.inputs.data import load_named_split
 
     try:
         text = load_named_split(*SOURCE)
@@ -115,7 +115,7 @@ def prepare(root: Path | None = None) -> Path:
     """
     import yaml
 
-    from autocomp.models import cache_root
+    from autocomp.inputs.models import cache_root
 
     text, origin, source_sha = _load_source()
     build = {"task": TASK, "version": BUILD_VERSION, "min_words": MIN_WORDS, "max_words": MAX_WORDS,

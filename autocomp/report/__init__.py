@@ -1,6 +1,0 @@
-"""A study as something to look at: an HTML page (plotly), PNG figures (matplotlib), CSV/JSON data,
-and a live optuna-dashboard. plotly, matplotlib and optuna-dashboard are imported only when used."""
-
-from autocomp.report.build import write_report
-
-__all__ = ["write_report"]
