@@ -60,3 +60,12 @@ class ReportError(AutocompError):
 
 class ClusterError(AutocompError):
     """A Ray cluster cannot be reached, cannot run a trial (resources), or cannot reach the storage."""
+
+
+class NonFiniteScoreError(AutocompError):
+    """A compressed model scores a non-finite perplexity, KL or objective value (a broken model):
+    the trial is recorded as failed with this reason, never as completed."""
+
+
+class ExportError(AutocompError):
+    """An export cannot be written (disk full, permissions) or its format cannot hold the configuration."""

@@ -17,13 +17,14 @@ from typing import Sequence
 
 from autocomp.config.objectives import Budgets
 from autocomp.errors import StudyError
-from autocomp.pareto import non_dominated
+from autocomp.multiobjective import non_dominated
 from autocomp.store.records import StudyRecords, TrialRecord
 
 PREFERENCES = ("auto", "size", "quality", "knee")
 
 
-def _values(record: TrialRecord, objectives: Sequence[str]) -> tuple[float, ...]:
+def objective_vector(record: TrialRecord, objectives: Sequence[str]) -> tuple[float, ...]:
+    """The record's values of ``objectives``, a missing or non-finite one as infinity (never chosen)."""
     out = []
     for name in objectives:
         v = record.metrics.get(name)
@@ -32,9 +33,11 @@ def _values(record: TrialRecord, objectives: Sequence[str]) -> tuple[float, ...]
 
 
 def mark_feasible(study: StudyRecords, budgets: Budgets) -> list[TrialRecord]:
+    """Set every record's ``feasible``: it meets ``budgets`` and its figures are finite
+    (:attr:`~autocomp.store.records.TrialRecord.sound`)."""
     dense_ppl = study.dense.get("perplexity", math.nan)
     for r in study.records:
-        r.feasible = budgets.feasible(r.metrics, dense_ppl)
+        r.feasible = r.sound and budgets.feasible(r.metrics, dense_ppl)
     return study.records
 
 
@@ -46,7 +49,7 @@ def pareto_front(study: StudyRecords, budgets: Budgets | None = None) -> list[Tr
                          "budget needs a study searched with one (autocomp search --max-latency-ms ...)")
     feasible = [r for r in mark_feasible(study, budgets) if r.feasible]
     objectives = study.spec.objectives
-    front = non_dominated([(_values(r, objectives), r) for r in feasible])
+    front = non_dominated([(objective_vector(r, objectives), r) for r in feasible])
     return sorted(front, key=lambda r: (r.metrics.get("size_mb", 0.0), r.trial))
 
 
@@ -78,14 +81,14 @@ def choose(front: list[TrialRecord], budgets: Budgets, quality: str, prefer: str
         else:
             prefer = "knee"
     if prefer == "size":
-        return min(front, key=lambda r: (r.metrics["size_mb"], r.metrics.get(quality, math.inf)))
+        return min(front, key=lambda r: objective_vector(r, ("size_mb", quality)) + (r.trial,))
     if prefer == "quality":
-        return min(front, key=lambda r: (r.metrics.get(quality, math.inf), r.metrics["size_mb"]))
+        return min(front, key=lambda r: objective_vector(r, (quality, "size_mb")) + (r.trial,))
     return _knee(front, (quality, "size_mb"))
 
 
 def _knee(front: list[TrialRecord], objectives: Sequence[str]) -> TrialRecord:
-    vecs = [_values(r, objectives) for r in front]
+    vecs = [tuple(x if math.isfinite(x) else 1e300 for x in objective_vector(r, objectives)) for r in front]
     lows = [min(v[i] for v in vecs) for i in range(len(objectives))]
     highs = [max(v[i] for v in vecs) for i in range(len(objectives))]
 

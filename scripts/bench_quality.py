@@ -88,7 +88,7 @@ def main() -> int:
         per_layer = {}
         if layer_plan is not None:
             plan = CompressionPlan(default=layer_plan, calibration=calib)
-            per_layer = apply_plan(loaded, plan)
+            per_layer = apply_plan(loaded, plan).per_layer
         t1 = time.perf_counter()
         scores, _ = score_windows(model, windows.input_ids)
         t2 = time.perf_counter()

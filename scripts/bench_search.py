@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from autocomp import api  # noqa: E402
 from autocomp.inputs.data import WindowSpec  # noqa: E402
 from autocomp.config.objectives import Budgets  # noqa: E402
-from autocomp.pareto import hypervolume_2d, non_dominated  # noqa: E402
+from autocomp.multiobjective import hypervolume_2d, non_dominated  # noqa: E402
 from autocomp.store.records import load_records
 from autocomp.config.space import SearchSpace  # noqa: E402
 from autocomp.config.spec import StudySpec  # noqa: E402

@@ -758,7 +758,7 @@ def test_sequential_calibration(tiny_models):
     # api.apply_plan with a sequential calibration section does exactly this
     cal = CalibrationSpec("wikitext2", "validation", SEQ_CALIB.count, SEQ_CALIB.seq_len, SEQ_CALIB.seed, mode="sequential")
     via_api = load_model(folder)
-    per_layer = api.apply_plan(via_api, CompressionPlan(default=lp, calibration=cal))
+    per_layer = api.apply_plan(via_api, CompressionPlan(default=lp, calibration=cal)).per_layer
     assert {n: p for n, p in per_layer.items() if not p.is_dense} == plan
     api_state = _state(via_api.model)
     assert all(torch.equal(api_state[k], seq_state[k]) for k in seq_state)

@@ -362,7 +362,7 @@ def test_export_reproduces_the_trial(study, tmp_path):
     spec = records.spec
     evaluator = TrialEvaluator(spec)
     per_layer = spec.space.suggest(optuna.trial.FixedTrial(record.params), evaluator.targets)
-    assert CompressionPlan.explicit(per_layer, calibration=spec.calibration() if evaluator.stats else None,
+    assert CompressionPlan.explicit(per_layer, calibration=evaluator.calibration,
                                     embeddings=any(not t.in_blocks for t in evaluator.targets)).to_dict() == record.plan
     metrics = evaluator.evaluate(per_layer)
     assert metrics["perplexity"] == pytest.approx(record.metrics["perplexity"], rel=1e-9)

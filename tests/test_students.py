@@ -317,7 +317,8 @@ def test_teacher_dims_of_every_family(tiny_models):
 def test_layer_plans_follow_the_teacher_blocks_a_student_keeps(tiny_models):
     from autocomp.config.plan import LayerPlan
     from autocomp.config.spec import StudySpec
-    from autocomp.study.evaluate import TrialEvaluator, teacher_target_name
+    from autocomp.pipeline.apply import teacher_target_name
+    from autocomp.study.evaluate import TrialEvaluator
 
     assert teacher_target_name("model.layers.1.mlp.up_proj", "model.layers", (0, 3)) == "model.layers.3.mlp.up_proj"
     assert teacher_target_name("model.embed_tokens", "model.layers", (0, 3)) == "model.embed_tokens"

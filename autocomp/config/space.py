@@ -69,6 +69,22 @@ def _as_list(where: str, value: Any) -> list:
     return value
 
 
+def yaml_error(exc: Exception) -> str:
+    """A YAML parse error as one line: ``YAML syntax error at line L, column C: problem (context)``
+    (PyYAML's own message spans several lines with the offending source quoted)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    cmark = getattr(exc, "context_mark", None)
+    if context:
+        context = " ".join(str(context).split())
+        if cmark is not None:
+            context += f" started at line {cmark.line + 1}, column {cmark.column + 1}"
+        problem += f" ({context})"
+    return f"YAML syntax error{where}: {problem}"
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """A validated search space. ``to_dict`` gives the canonical form stored with a study."""
@@ -175,9 +191,13 @@ class SearchSpace:
             names = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml")))
             raise SpaceError(f"search space {ref} not found; give a YAML file or a built-in name ({names})")
         try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise SpaceError(f"{path}: cannot read YAML ({exc})") from None
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise SpaceError(f"{path}: {yaml_error(exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise SpaceError(f"{path}: not UTF-8 text (byte {exc.start}); a search space is a YAML text file") from None
+        except OSError as exc:
+            raise SpaceError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -116,6 +116,14 @@ class StudySpec:
             latency=LatencySpec.from_dict(data["latency"]) if data.get("latency") else None,
         )
 
+    def sequence_lengths(self) -> dict[str, int]:
+        """Every sequence length the study runs the model on, by the flag that sets it (checked
+        against the model's positions before any data is read)."""
+        out = {"--eval-seq-len": self.eval_windows.seq_len, "--calib-seq-len": self.calib_windows.seq_len}
+        if self.latency is not None:
+            out["--latency-prompt-len + --latency-new-tokens"] = self.latency.prompt_len + self.latency.new_tokens
+        return out
+
     def calibration(self) -> "CalibrationSpec":
         from autocomp.inputs.data import calibration_source
         from autocomp.config.plan import CalibrationSpec

@@ -31,7 +31,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -287,6 +287,20 @@ def text_windows(tokenizer: Any, source: str, split: str, spec: WindowSpec, rand
     ids = split_ids(tokenize(tokenizer, text.text), part)
     origin = text.origin + ("" if part == "all" else f" ({part})")
     return make_windows(ids, spec, bos_id_for(tokenizer, bos), random=random, origin=origin, bos_mode=bos, skip=skip)
+
+
+def check_window_lengths(lengths: Mapping[str, int], config: Any, model: str = "the model") -> None:
+    """DataError when a sequence length (by the flag that set it) is longer than the positions the
+    model's config allows (:func:`autocomp.inputs.models.max_positions`); nothing when it names none."""
+    from autocomp.inputs.models import max_positions
+
+    limit = max_positions(config)
+    if limit is None:
+        return
+    for flag, length in lengths.items():
+        if length > limit:
+            raise DataError(f"{flag} {length} is longer than the {limit} positions that {model} takes "
+                            f"(its config's maximum); use at most {limit}")
 
 
 def eval_source(data: str, calib_data: str | None) -> tuple[str, str]:

@@ -185,12 +185,56 @@ def model_fingerprint(folder: str, config: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_finite_weights(model: Any, ref: str) -> None:
+    """ModelLoadError naming the first parameter that holds NaN or infinity (a broken or tampered
+    weights file: every figure of such a model is meaningless)."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ModelLoadError(f"model {ref!r} has non-finite weights (NaN or inf) in {bad[0]}{more}; "
+                             "check or re-download the weights")
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's config allows (``max_position_embeddings``, ``n_positions``,
+    ...), or None when the config names no limit (e.g. a model without position limits)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def local_config(ref: str) -> Any | None:
+    """The config of a local model folder, read without loading weights or running model code;
+    None for any other source (GGUF, bundled, hub) or a config that needs custom code."""
+    try:
+        source = resolve_model_source(ref)
+    except ModelLoadError:
+        return None
+    if source.kind != "folder":
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def load_model(ref: str, trust_remote_code: bool = False) -> LoadedModel:
-    """Load model and tokenizer (float32, CPU, eval mode). Raises ModelLoadError with what to do.
+    """Load model and tokenizer (float32, CPU, eval mode). Raises ModelLoadError with what to do:
+    for a missing, truncated or unreadable weights file, and for non-finite weights.
     A folder written by ``autocomp export`` in the packed format is unpacked (dequantized) on load."""
     source = resolve_model_source(ref)
     folder = local_model_folder(source)
+    import pickle
+
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -201,12 +245,15 @@ def load_model(ref: str, trust_remote_code: bool = False) -> LoadedModel:
             model = load_packed(folder, dtype=torch.float32)[0]
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
         hint = ""
         if source.kind == "hub":
             hint = (" (it is not a bundled name, a local folder or a .gguf file; as a hub id it needs network access "
                     "or the Hugging Face cache; bundled models: " + ", ".join(BUNDLED_MODELS) + ")")
+        if isinstance(exc, (SafetensorError, EOFError, pickle.UnpicklingError)):
+            hint = " (a weights file is truncated or corrupted; copy or download it again)"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {ref!r}{hint}: {first}") from None
     model.eval()
+    check_finite_weights(model, ref)
     return LoadedModel(model, tokenizer, source, folder, model_fingerprint(folder, model.config))

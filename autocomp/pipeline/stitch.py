@@ -58,9 +58,10 @@ class ModelStitcher:
     def _from_cache(self, lookup, name: str, plan: LayerPlan):
         stats = self.stats.get(name)
         key = LayerVariantCache.key(self.fingerprint, name, plan, self.stats_digest)
+        dense = self.dense_weight(name)
         try:
-            return lookup(key, lambda: compress_weight(self.dense_weight(name), plan, stats),
-                          persist=compressor_needs_calibration(plan.method))
+            return lookup(key, lambda: compress_weight(dense, plan, stats),
+                          persist=compressor_needs_calibration(plan.method), expect=(tuple(dense.shape), dense.dtype))
         except PlanError as exc:
             raise PlanError(f"layer {name}: {exc}") from None
 

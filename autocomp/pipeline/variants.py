@@ -11,13 +11,26 @@ and the autocomp version. Two tiers:
   as their integer codes, fp16 scales, zero points and keep-mask (about a quarter of the float
   bytes); they are dequantized on load with the same element-wise float32 arithmetic as when they
   were made, so a hit is bit-identical to the computed weight.
+
+Integrity: every file carries the SHA-256 of its tensors (names, dtypes, shapes, bytes) in its
+safetensors metadata, checked on every read. A file that fails the check (a flipped bit, a torn or
+foreign write, no digest), or that holds a weight of another shape or dtype than the layer's, is a
+*bad entry*: it is never used, the variant is recomputed and rewritten, and a warning counting the
+bad entries so far is logged (logger ``autocomp.variants``; :attr:`LayerVariantCache.bad_entries`).
+
+Ownership: a folder becomes a variant cache when the cache first writes to it, which leaves the
+marker file :data:`MARKER` in its root. :meth:`LayerVariantCache.prune_disk` (``autocomp cache
+--max-gb``) refuses a folder without the marker and only ever deletes files of the cache's own
+layout (``<2 hex>/<64 hex>.safetensors``), so pointing it at a folder of models deletes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -28,6 +41,11 @@ import torch
 from autocomp._version import __version__
 from autocomp.pipeline.layer import CompressedWeight
 from autocomp.config.plan import LayerPlan
+
+MARKER = ".autocomp-variant-cache"
+DIGEST_KEY = "autocomp_sha256"
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
+_log = logging.getLogger("autocomp.variants")
 
 
 def _needs_stats(plan: LayerPlan) -> bool:
@@ -65,6 +83,23 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return _DTYPES.index(dtype)
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a variant file's content: every tensor's name, dtype, shape and bytes, by name."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def is_entry_path(directory: Path, path: Path) -> bool:
+    """True for a file of the cache's own layout: ``<directory>/<2 hex>/<64 hex>.safetensors`` whose
+    folder is the first two characters of its name."""
+    return (path.parent.parent == directory and _ENTRY_NAME.fullmatch(path.name) is not None
+            and path.parent.name == path.name[:2])
+
+
 def _compressed_from_tensors(t: dict[str, torch.Tensor]) -> CompressedWeight:
     from autocomp.compressors.rtn import QuantizedWeight, dequantize_codes
 
@@ -80,7 +115,8 @@ def _compressed_from_tensors(t: dict[str, torch.Tensor]) -> CompressedWeight:
 
 
 def check_writable(directory: Path) -> None:
-    """Refuse a variant folder that cannot be created or written, before any work is done."""
+    """Refuse a variant folder that cannot be created or written, before any work is done; a folder
+    that passes is marked as a variant cache (:data:`MARKER`)."""
     from autocomp.errors import StorageError
 
     try:
@@ -88,25 +124,51 @@ def check_writable(directory: Path) -> None:
         fd, probe = tempfile.mkstemp(prefix=".probe.", dir=directory)
         os.close(fd)
         os.unlink(probe)
+        marker = directory / MARKER
+        if not marker.exists():
+            marker.write_text("autocomp layer-variant cache: files <2 hex>/<64 hex>.safetensors in this folder "
+                              "were written by autocomp and may be deleted by 'autocomp cache --max-gb'\n")
     except OSError as exc:
         raise StorageError(f"variant cache folder {directory} is not writable ({exc.strerror or exc}); "
                            "pass --variant-cache with a writable folder, or --variant-cache none to keep "
                            "variants in memory only") from None
 
 
-class LayerVariantCache:
-    """Two-tier (memory LRU, optional disk) map from variant key to compressed ``[out, in]`` weight."""
+def is_cache_folder(directory: Path) -> bool:
+    """True when ``directory`` holds the marker that the variant cache writes in its root."""
+    return (Path(directory) / MARKER).is_file()
 
-    def __init__(self, max_bytes: int = 2 << 30, directory: str | Path | None = None) -> None:
+
+Expected = tuple[tuple[int, ...], torch.dtype]   # (shape, dtype) of the layer's dense weight
+
+
+class LayerVariantCache:
+    """Two-tier (memory LRU, optional disk) map from variant key to compressed ``[out, in]`` weight.
+
+    ``max_bytes``: the memory tier's bound (StorageError when negative). ``directory``: the disk tier;
+    ``create`` (default) makes it, checks it is writable and marks it as a cache; ``create=False``
+    opens it only to count and prune (StorageError when it is not a marked cache folder)."""
+
+    def __init__(self, max_bytes: int = 2 << 30, directory: str | Path | None = None, create: bool = True) -> None:
+        from autocomp.errors import StorageError
+
+        if max_bytes < 0:
+            raise StorageError(f"the memory for cached layers (--cache-mb) must be >= 0, got {max_bytes / (1 << 20):g} MB")
         self.max_bytes = max_bytes
         self.directory = Path(directory) if directory is not None else None
         if self.directory is not None:
-            check_writable(self.directory)
+            if create:
+                check_writable(self.directory)
+            elif not is_cache_folder(self.directory):
+                raise StorageError(f"{self.directory} is not a variant cache folder (no {MARKER} file that autocomp "
+                                   "writes in the folders it caches variants in); nothing was deleted; pass --dir "
+                                   "with the folder that searches use (--variant-cache)")
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
         self.hits = 0          # memory hits
         self.disk_hits = 0
         self.misses = 0        # computed
+        self.bad_entries = 0   # disk entries refused (failed digest, foreign shape/dtype) and recomputed
 
     key = staticmethod(variant_key)
 
@@ -123,22 +185,38 @@ class LayerVariantCache:
             _, old = self._entries.popitem(last=False)
             self._bytes -= old.numel() * old.element_size()
 
-    def _read(self, key: str) -> torch.Tensor | None:
-        cw = self._read_compressed(key)
+    def _read(self, key: str, expect: Expected | None = None) -> torch.Tensor | None:
+        cw = self._read_compressed(key, expect)
         return None if cw is None else cw.weight
 
-    def _read_compressed(self, key: str) -> CompressedWeight | None:
+    def _bad(self, path: Path, why: str) -> None:
+        self.bad_entries += 1
+        _log.warning("autocomp: warning: variant cache entry %s %s; recomputed (%d bad entr%s in this process)",
+                     path, why, self.bad_entries, "y" if self.bad_entries == 1 else "ies")
+
+    def _read_compressed(self, key: str, expect: Expected | None = None) -> CompressedWeight | None:
+        """The stored variant, or None when there is none or it is a bad entry (module docstring)."""
         if self.directory is None:
             return None
         path = self._path(key)
         if not path.exists():
             return None
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            value = _compressed_from_tensors(load_file(str(path)))
-        except (SafetensorError, OSError, KeyError, IndexError, RuntimeError):  # torn or foreign: recompute
+            with safe_open(str(path), framework="pt") as fh:
+                stored = (fh.metadata() or {}).get(DIGEST_KEY)
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+            if stored is None or stored != tensors_digest(tensors):
+                self._bad(path, "has no digest" if stored is None else "fails its integrity check (digest mismatch)")
+                return None
+            value = _compressed_from_tensors(tensors)
+        except (SafetensorError, OSError, KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:
+            self._bad(path, f"cannot be read ({type(exc).__name__})")
+            return None
+        if expect is not None and (tuple(value.weight.shape) != tuple(expect[0]) or value.weight.dtype != expect[1]):
+            self._bad(path, f"holds a {tuple(value.weight.shape)} {value.weight.dtype} weight, not the layer's "
+                            f"{tuple(expect[0])} {expect[1]} (a foreign file)")
             return None
         try:
             os.utime(path)  # the modification time orders entries for prune_disk: least recently used first
@@ -152,24 +230,31 @@ class LayerVariantCache:
         from safetensors.torch import save_file
 
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tensors = _to_tensors(cw)
+        tmp = None
         try:
-            save_file(_to_tensors(cw), tmp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            save_file(tensors, tmp, metadata={DIGEST_KEY: tensors_digest(tensors)})
             os.replace(tmp, path)
+        except OSError as exc:  # disk full, quota, read-only: the variant stays in memory only
+            _log.warning("autocomp: warning: cannot write variant cache entry %s (%s); kept in memory only",
+                         path, exc.strerror or exc)
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def get_or_compute(self, key: str, compute: Callable[[], CompressedWeight], persist: bool = True) -> torch.Tensor:
+    def get_or_compute(self, key: str, compute: Callable[[], CompressedWeight], persist: bool = True,
+                       expect: Expected | None = None) -> torch.Tensor:
         """The variant's float weight: from memory, else disk, else ``compute()`` (then stored;
-        on disk only when ``persist``: callers persist what is expensive to recompute)."""
+        on disk only when ``persist``: callers persist what is expensive to recompute).
+        ``expect``: the layer's ``(shape, dtype)``; a disk entry of another one is not used."""
         if key in self._entries:
             self.hits += 1
             self._entries.move_to_end(key)
             return self._entries[key]
-        value = self._read(key) if persist else None
+        value = self._read(key, expect) if persist else None
         if value is not None:
             self.disk_hits += 1
         else:
@@ -181,10 +266,12 @@ class LayerVariantCache:
         self._remember(key, value)
         return value
 
-    def get_compressed(self, key: str, compute: Callable[[], CompressedWeight], persist: bool = True) -> CompressedWeight:
+    def get_compressed(self, key: str, compute: Callable[[], CompressedWeight], persist: bool = True,
+                       expect: Expected | None = None) -> CompressedWeight:
         """The whole variant (codes, scales, mask), for packing or kernels: from disk when stored there
-        (the memory tier keeps float weights only), else ``compute()`` (stored on disk when ``persist``)."""
-        cw = self._read_compressed(key) if persist else None
+        (the memory tier keeps float weights only), else ``compute()`` (stored on disk when ``persist``).
+        ``expect`` as for :meth:`get_or_compute`."""
+        cw = self._read_compressed(key, expect) if persist else None
         if cw is None or (cw.quant is not None and cw.quant.bits == 0):
             cw = compute()
             if persist:
@@ -195,11 +282,14 @@ class LayerVariantCache:
         return len(self._entries)
 
     def disk_entries(self) -> list[tuple[Path, int, float]]:
-        """``(path, bytes, last use)`` of every variant file on disk, least recently used first."""
+        """``(path, bytes, last use)`` of every variant file on disk (files of the cache's own layout
+        only), least recently used first."""
         if self.directory is None or not self.directory.exists():
             return []
         out = []
         for path in self.directory.glob("*/*.safetensors"):
+            if not is_entry_path(self.directory, path):
+                continue
             try:
                 st = path.stat()
             except FileNotFoundError:  # removed by another process meanwhile
@@ -210,7 +300,14 @@ class LayerVariantCache:
     def prune_disk(self, max_bytes: int) -> tuple[int, int]:
         """Delete the least recently used variant files until the folder holds at most ``max_bytes``.
         Safe while other workers use the folder (a deleted variant is recomputed on its next use).
-        Returns (files removed, bytes freed)."""
+        Only files of the cache's own layout in a marked cache folder are ever deleted (StorageError
+        for a folder without the marker). Returns (files removed, bytes freed)."""
+        from autocomp.errors import StorageError
+
+        if self.directory is None:
+            return 0, 0
+        if not is_cache_folder(self.directory):
+            raise StorageError(f"{self.directory} is not a variant cache folder (no {MARKER} file); nothing was deleted")
         entries = self.disk_entries()
         total = sum(size for _, size, _ in entries)
         removed = freed = 0

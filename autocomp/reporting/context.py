@@ -169,7 +169,10 @@ class ReportData:
         return self.validated.get(trial, {}).get("verdict") or {}
 
     def is_flagged(self, trial: int) -> bool:
-        return bool(self.verdict(trial).get("flagged"))
+        """Validation found the trial's search figures wrong: held-out figures that break a budget the
+        search met, or a search score the rebuilt trial does not reproduce."""
+        v = self.verdict(trial)
+        return bool(v.get("flagged")) or v.get("reproduced") is False
 
     def record_of(self, trial: int) -> TrialRecord | None:
         return next((r for r in self.records.records if r.trial == trial), None)

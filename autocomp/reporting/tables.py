@@ -15,12 +15,11 @@ JSON files are strict JSON: non-finite numbers become ``null``.
 from __future__ import annotations
 
 import csv
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from autocomp.jsonsafe import dumps, json_safe
 from autocomp.store.records import TrialRecord
 from autocomp.reporting.context import HELDOUT_SET, SEARCH_SET, ReportData, finite
 
@@ -68,17 +67,6 @@ def fmt_interval(ci: Any, pct: bool) -> str:
     return f"[{lo:+.1f}, {hi:+.1f}]" if pct else f"[{lo:.3g}, {hi:.3g}]"
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats replaced by None and keys made strings (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 # ---- files -------------------------------------------------------------------------------------
 
 
@@ -123,17 +111,18 @@ def front_document(data: ReportData) -> dict[str, Any]:
 
 
 def write_front_json(data: ReportData, path: Path) -> Path:
-    path.write_text(json.dumps(front_document(data), indent=2) + "\n")
+    path.write_text(dumps(front_document(data), indent=2) + "\n")
     return path
 
 
 def write_validation_json(data: ReportData, path: Path) -> Path:
-    path.write_text(json.dumps(json_safe(data.validation or {}), indent=2) + "\n")
+    path.write_text(dumps(data.validation or {}, indent=2) + "\n")
     return path
 
 
 def validation_columns(data: ReportData) -> list[str]:
-    columns = ["trial", "size_mb", "recommended", "on_front", "search_feasible", "heldout_feasible", "flagged", "reasons"]
+    columns = ["trial", "size_mb", "recommended", "on_front", "search_feasible", "heldout_feasible", "flagged", "reproduced",
+               "reasons"]
     for name in data.set_names():
         for f in SET_FIELDS:
             columns.extend([f"{name}_{f}_low", f"{name}_{f}_high"] if f.endswith("_ci") else [f"{name}_{f}"])
@@ -153,6 +142,7 @@ def validation_csv_row(data: ReportData, trial: int, result: Mapping[str, Any]) 
         "search_feasible": verdict.get("search_feasible"),
         "heldout_feasible": verdict.get("heldout_feasible"),
         "flagged": bool(verdict.get("flagged")),
+        "reproduced": verdict.get("reproduced"),
         "reasons": "; ".join(str(x) for x in verdict.get("reasons") or ()),
     }
     for name, values in (result.get("sets") or {}).items():
@@ -241,6 +231,8 @@ def _task_cell(values: Mapping[str, Any] | None) -> str:
 
 def verdict_text(verdict: Mapping[str, Any]) -> str:
     reasons = "; ".join(str(x) for x in verdict.get("reasons") or ())
+    if verdict.get("reproduced") is False:
+        return "NOT REPRODUCED" + (f": {reasons}" if reasons else "")
     if verdict.get("flagged"):
         return "FLAGGED" + (f": {reasons}" if reasons else "")
     if verdict.get("heldout_feasible") is False:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import optuna
 
-from autocomp.pareto import non_dominated
+from autocomp.multiobjective import non_dominated
 from autocomp.config.space import SearchSpace
 from autocomp.inputs.targets import Target
 

@@ -6,6 +6,7 @@ In a latency study, the end-to-end figures re-measured after the search
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,15 @@ from autocomp.config.spec import StudySpec
 from autocomp.errors import StudyError, TrialNotFoundError
 from autocomp.store.schema import DENSE_ATTR, REMEASURED_ATTR, SPEC_ATTR, load_existing, overlay
 from autocomp.store.urls import mask_url, open_storage
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Stored metrics as numbers: a missing value stored as null (JSON has no NaN) reads as nan."""
+    return {k: (math.nan if v is None else v) for k, v in metrics.items()}
 
 
 @dataclass
@@ -25,8 +35,19 @@ class TrialRecord:
     feasible: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"trial": self.trial, "metrics": self.metrics, "plan": self.plan, "uniform": self.uniform,
-                "feasible": self.feasible}
+        """Strict-JSON data: non-finite metrics are None (:func:`autocomp.jsonsafe.json_safe`)."""
+        from autocomp.jsonsafe import json_safe
+
+        return json_safe({"trial": self.trial, "metrics": self.metrics, "plan": self.plan, "uniform": self.uniform,
+                          "feasible": self.feasible})
+
+    @property
+    def sound(self) -> bool:
+        """True when the trial's quality figures (perplexity and KL, when stored) and size are finite
+        numbers; an unsound trial (a broken model, stored before such trials were failed) is never
+        feasible."""
+        return all(_is_finite(self.metrics.get(name, 0.0)) for name in ("perplexity", "kl", "size_mb")) \
+            and "perplexity" in self.metrics and "size_mb" in self.metrics
 
 
 @dataclass
@@ -55,7 +76,7 @@ def load_records(storage_url: str, study_name: str) -> StudyRecords:
     records, failed, running = [], 0, 0
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE and "metrics" in t.user_attrs:
-            metrics = dict(t.user_attrs["metrics"])
+            metrics = clean_metrics(dict(t.user_attrs["metrics"]))
             if str(t.number) in remeasured:
                 metrics = overlay(metrics, remeasured[str(t.number)])
             records.append(TrialRecord(t.number, metrics, dict(t.user_attrs["plan"]),

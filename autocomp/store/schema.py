@@ -47,7 +47,11 @@ def optuna_quiet():
 
 
 def load_existing(storage, study_name: str):
-    """The Optuna study ``study_name`` in ``storage`` if it exists, else None."""
+    """The Optuna study ``study_name`` in ``storage`` if it exists, else None (StudyError for a name
+    that :func:`autocomp.store.urls.check_study_name` refuses)."""
+    from autocomp.store.urls import check_study_name
+
+    check_study_name(study_name)
     optuna = optuna_quiet()
     try:
         return optuna.load_study(study_name=study_name, storage=storage)

@@ -41,15 +41,87 @@ def grace_period() -> int:
     return 6 * heartbeat_interval()
 
 
+_STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: str) -> str:
+    """``name`` when it is a safe study name, else StudyError: one path component of 1-128 letters,
+    digits, ``.``, ``_`` and ``-``, not starting with ``.`` (the default storage is
+    ``results/<name>/study.db``, so a name must not leave ``results/`` or nest folders). Every
+    entry point that takes a study name (search, prepare, worker and the readers) checks it here."""
+    if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
+        shown = name if isinstance(name, str) else type(name).__name__
+        raise StudyError(f"study name {shown!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+                         "not starting with '.' (a single folder name under results/)")
+    return name
+
+
+def safe_study_name(text: str) -> str:
+    """``text`` made into a name that :func:`check_study_name` accepts (for derived default names)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).lstrip(".-")[:128]
+    return name or "study"
+
+
 def default_storage_url(study_name: str, results_dir: str | Path = "results") -> str:
-    folder = Path(results_dir) / study_name
+    folder = Path(results_dir) / check_study_name(study_name)
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'study.db'}"
 
 
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|auth|cred", re.IGNORECASE)
+
+
+def _url_parts(url: str) -> tuple[str, str, str, str, str]:
+    """``(scheme://, userinfo, host and path, ?query, #fragment)`` split by hand, so that even a URL
+    no parser accepts (an unencoded ``@`` or ``/`` in the password) is masked: the userinfo ends at
+    the last ``@`` before the query."""
+    head, hash_, fragment = url.partition("#")
+    base, q, query = head.partition("?")
+    scheme, sep, rest = base.partition("://")
+    if not sep:
+        return "", "", base, q + query, hash_ + fragment
+    userinfo, at, hostpath = rest.rpartition("@")
+    if not at or userinfo.startswith("/"):
+        return scheme + sep, "", rest, q + query, hash_ + fragment
+    return scheme + sep, userinfo + "@", hostpath, q + query, hash_ + fragment
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets a URL carries: its password and the values of secret-looking query parameters."""
+    _, userinfo, _, query, _ = _url_parts(url)
+    out = []
+    if ":" in userinfo:
+        out.append(userinfo[:-1].split(":", 1)[1])
+    for pair in re.split(r"[&;]", query[1:]):
+        key, eq, value = pair.partition("=")
+        if eq and value and _SECRET_KEY.search(key):
+            out.append(value)
+    return [s for s in out if s]
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for logs, errors and reports)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL with every secret replaced by ``***`` (for logs, errors and reports): the password of
+    ``user:pass@`` and ``:pass@``, and the value of any query parameter whose name looks secret
+    (``password``, ``sslpassword``, ``passwd``, ``pwd``, ``token``, ``secret``, ``*key``, ``auth*``)."""
+    scheme, userinfo, hostpath, query, fragment = _url_parts(url)
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***@"
+
+    def hide(m: re.Match) -> str:
+        return f"{m.group(1)}{m.group(2)}=***" if _SECRET_KEY.search(m.group(2)) else m.group(0)
+
+    query = re.sub(r"([?&;])([^=&;]*)=([^&;]*)", hide, query)
+    return scheme + userinfo + hostpath + query + fragment
+
+
+def mask_secrets(text: str, url: str) -> str:
+    """``text`` (a driver's error message) with the URL's secrets replaced by ``***`` wherever they
+    occur, and the URL itself masked."""
+    text = text.replace(url, mask_url(url))
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
 
 
 def validate_url(url: str) -> None:
@@ -60,12 +132,12 @@ def validate_url(url: str) -> None:
     if scheme == "sqlite":
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if not path:
-            raise StorageError(f"storage URL {url!r} names no file; write sqlite:///relative/path.db or sqlite:////absolute/path.db")
+            raise StorageError(f"storage URL {mask_url(url)!r} names no file; write sqlite:///relative/path.db or sqlite:////absolute/path.db")
         parent = Path(path).expanduser().parent
         if not parent.is_dir():
-            raise StorageError(f"storage URL {url!r}: folder {parent} does not exist; create it or choose another path")
+            raise StorageError(f"storage URL {mask_url(url)!r}: folder {parent} does not exist; create it or choose another path")
         if Path(path).is_dir():
-            raise StorageError(f"storage URL {url!r} names a folder, not a database file")
+            raise StorageError(f"storage URL {mask_url(url)!r} names a folder, not a database file")
 
 
 def is_sqlite(url: str) -> bool:
@@ -117,7 +189,7 @@ def open_storage(url: str, must_exist: bool = False, heartbeat: bool = False):
         return storage
     except Exception as exc:  # sqlalchemy / driver errors of many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot open storage {mask_url(url)}: {mask_url(first)}") from None
+        raise StorageError(f"cannot open storage {mask_url(url)}: {mask_secrets(first, url)}") from None
 
 
 def _serialise_sqlite(engine) -> None:

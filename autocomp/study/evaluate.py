@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from autocomp.pipeline.variants import LayerVariantCache
-from autocomp.pipeline.calibration import collect_input_stats, stats_digest
-from autocomp.inputs.data import Windows, eval_source, text_windows
-from autocomp.evaluators.quality import DenseReference, WindowScores, score_windows
-from autocomp.evaluators.size import model_size
-from autocomp.inputs.models import LoadedModel, cache_root, load_model
 from autocomp.config.objectives import ppl_increase_pct
 from autocomp.config.plan import LayerPlan, summarize
 from autocomp.config.spec import StudySpec
-from autocomp.pipeline.stitch import ModelStitcher
+from autocomp.evaluators.quality import DenseReference, WindowScores, score_windows
+from autocomp.evaluators.size import model_size
+from autocomp.inputs.data import Windows, eval_source, text_windows
+from autocomp.inputs.models import LoadedModel, cache_root, load_model
 from autocomp.inputs.targets import Target, find_decoder_blocks, find_targets
+from autocomp.pipeline.apply import PlanApplier
+from autocomp.pipeline.stitch import ModelStitcher
+from autocomp.pipeline.variants import LayerVariantCache
 
 if TYPE_CHECKING:
     from autocomp.config.plan import CompressionPlan
@@ -63,27 +63,6 @@ class DenseMetrics:
     size_bytes: int
 
 
-@dataclass
-class StudentState:
-    """A built student held in memory with its targets and its own stitcher (for its layer plans)."""
-
-    digest: str
-    built: Any                     # autocomp.students.build.BuiltStudent
-    all_targets: list[Target]
-    targets: list[Target]          # the searched targets, named as the student's modules
-    stitcher: ModelStitcher
-    teacher_name: dict[str, str]   # student target name -> the teacher target it was built from
-
-
-def teacher_target_name(name: str, blocks_name: str, kept_layers: tuple[int, ...]) -> str:
-    """``model.layers.2.mlp.up_proj`` of a student -> the teacher's ``model.layers.<kept[2]>.mlp.up_proj``."""
-    prefix = blocks_name + "."
-    if not name.startswith(prefix):
-        return name
-    index, _, rest = name[len(prefix):].partition(".")
-    return f"{prefix}{kept_layers[int(index)]}.{rest}"
-
-
 class TrialEvaluator:
     """Everything needed to score a plan; holds the model in memory between trials."""
 
@@ -97,27 +76,20 @@ class TrialEvaluator:
         tok = self.loaded.tokenizer
         source, split = eval_source(spec.data, spec.calib_data)
         self.eval_windows = text_windows(tok, source, split, spec.eval_windows, random=False, bos=spec.bos)
-        self.stats, self.stats_digest, self.calib_windows = {}, None, None
-        self.sequential = spec.calibration_mode == "sequential"
-        if self._space_needs_calibration():
-            calib = spec.calibration()
-            self.calib_windows = text_windows(tok, calib.data, calib.split, spec.calib_windows, random=True, bos=calib.bos)
-            if not self.sequential or spec.sensitivity:  # dense statistics, once (sequential: per plan)
-                self.stats = collect_input_stats(model, self.targets, self.calib_windows.input_ids,
-                                                 hessian=self._space_needs_hessian())
-                self.stats_digest = stats_digest(self.calib_windows.input_ids, self.loaded.fingerprint)
-        self.stitcher = ModelStitcher(model, self.all_targets, self.loaded.fingerprint, self.stats,
-                                      self.stats_digest, LayerVariantCache(cache_bytes, cache_dir))
+        # the calibration every trial's plan names (None: a data-free space)
+        self.calibration = spec.calibration() if self._space_needs_calibration() else None
+        self.applier = PlanApplier(self.loaded, LayerVariantCache(cache_bytes, cache_dir), stats_targets=self.targets,
+                                   hessian=self._space_needs_hessian())
+        self.calib_windows = self.applier.windows(self.calibration) if self.calibration is not None else None
+        if self.calibration is not None and (spec.calibration_mode != "sequential" or spec.sensitivity):
+            self.applier.prepare_dense_stats(self.calibration)  # once, before the first trial
         self.reference = dense_reference(model, self.loaded.fingerprint, self.eval_windows, spec.kl_topk)
         dense_size = model_size(model, self.all_targets, {})
         self.dense = DenseMetrics(self.reference.perplexity, dense_size.size_mb, dense_size.total_bytes)
         self._numels = {t.name: t.numel for t in self.targets}
-        self.current_model = model          # the model holding the last compressed plan
         self._teacher_metrics = {"params": float(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())),
                                  "student_layers": float(len(find_decoder_blocks(model)[1])),
                                  "distill_steps": 0.0, "seconds_distill": 0.0}
-        self._student: StudentState | None = None
-        self._current_targets, self._current_plan, self._sequential_weights = self.all_targets, {}, {}
         self.latency = None
         if spec.latency is not None:
             from autocomp.latency.trial import LatencyEvaluator
@@ -176,88 +148,51 @@ class TrialEvaluator:
         calibration windows, for ``sensitivity: fisher`` (see :mod:`autocomp.sensitivity.fisher`)."""
         from autocomp.sensitivity.fisher import gradient_factors
 
-        windows = self.calib_windows
-        if windows is None:  # a data-free space: calibration windows only for this pass
-            calib = self.spec.calibration()
-            windows = text_windows(self.loaded.tokenizer, calib.data, calib.split, self.spec.calib_windows,
-                                   random=True, bos=calib.bos)
-        self.stitcher.apply({})
+        # a data-free space: calibration windows only for this pass
+        windows = self.calib_windows if self.calib_windows is not None else self.applier.windows(self.spec.calibration())
+        self.compress({})
         return gradient_factors(self.loaded.model, self.targets, windows.input_ids[:max_windows], seed=self.spec.seed)
 
-    def student(self, spec: "StudentSpec") -> StudentState:
-        """The student of ``spec``, built (or read from the student cache) once and kept in memory
-        until another student is asked for."""
-        from autocomp.students.build import build_student
+    @property
+    def stitcher(self) -> ModelStitcher:
+        """The teacher's stitcher (the sensitivity pass compresses single layers through it)."""
+        return self.applier.stitcher
 
-        if self._student is not None and self._student.digest == spec.digest():
-            return self._student
-        self._student = None  # free the previous student first
-        built = build_student(self.loaded, spec, progress=False)
-        model = built.model
-        all_targets = find_targets(model)
-        blocks_name = find_decoder_blocks(model)[0]
-        teacher_name = {t.name: teacher_target_name(t.name, blocks_name, built.kept_layers) for t in all_targets}
-        searched = {t.name for t in self.targets}
-        targets = [t for t in all_targets if teacher_name[t.name] in searched]
-        stats, digest = {}, None
-        fingerprint = hashlib.sha256(f"{self.loaded.fingerprint}:student:{spec.digest()}".encode()).hexdigest()[:16]
-        if self.calib_windows is not None:
-            stats = collect_input_stats(model, targets, self.calib_windows.input_ids, hessian=self._space_needs_hessian())
-            digest = stats_digest(self.calib_windows.input_ids, fingerprint)
-        stitcher = ModelStitcher(model, all_targets, fingerprint, stats, digest,
-                                 LayerVariantCache(self.stitcher.cache.max_bytes, self.stitcher.cache.directory))
-        self._student = StudentState(spec.digest(), built, all_targets, targets, stitcher, teacher_name)
-        return self._student
+    @property
+    def current_model(self):
+        """The model holding the plan :meth:`compress` applied last (the teacher, or a student)."""
+        return self.applier.current.model
 
     def student_plan(self, per_layer: Mapping[str, LayerPlan], spec: "StudentSpec") -> dict[str, LayerPlan]:
         """A plan over the teacher's targets carried over to the student's: each student layer takes the
         plan of the teacher layer it was built from (a dropped block's plans go with it)."""
-        state = self.student(spec)
-        return {t.name: per_layer.get(state.teacher_name[t.name], LayerPlan()) for t in state.targets}
+        _, state, teacher_name = self.applier.student(spec)
+        return {t.name: per_layer.get(teacher_name[t.name], LayerPlan()) for t in state.stats_targets}
 
     def compress_plan(self, plan: "CompressionPlan"):
-        """:meth:`compress` for a stored plan (a trial's): its keys resolved against the teacher's
-        targets, or against its student's when it has one."""
-        targets = self.all_targets if plan.student is None else self.student(plan.student).all_targets
-        per_layer = plan.resolve([t.name for t in targets if t.in_blocks], [t.name for t in targets if not t.in_blocks])
-        return self.compress(per_layer, plan.student)
+        """:meth:`compress` for a stored plan (a trial's), through the one path
+        (:meth:`~autocomp.pipeline.apply.PlanApplier.apply`)."""
+        return self._size(self.applier.apply(plan))
 
     def compress(self, plan: Mapping[str, LayerPlan], student: "StudentSpec | None" = None):
-        """Make the in-memory model (the teacher, or the ``student`` built from it) hold ``plan``
-        (calibrated as the study is) and return its accounted
-        :class:`~autocomp.evaluators.size.SizeReport`; ``current_model`` is then that model.
-        ``{}`` restores the dense teacher. With a student, ``plan`` names the student's modules."""
-        self._current_plan = dict(plan)
-        if student is not None:
-            state = self.student(student)
-            state.stitcher.apply(plan)
-            self.current_model = state.built.model
-            self._current_targets = state.all_targets
-            size = model_size(self.current_model, state.all_targets, plan)
-            return replace(size, dense_bytes=self.dense.size_bytes)
-        self.current_model = self.loaded.model
-        self._current_targets, self._sequential_weights = self.all_targets, {}
-        if self.sequential and self.calib_windows is not None and any(not lp.is_dense for lp in plan.values()):
-            from autocomp.pipeline.sequential import compress_sequential
+        """Make the in-memory model (the teacher, or the ``student`` built from it) hold ``plan``,
+        calibrated as the study's trials are, and return its accounted
+        :class:`~autocomp.evaluators.size.SizeReport`. ``{}`` restores the dense teacher. With a
+        student, ``plan`` names the student's modules."""
+        return self._size(self.applier.apply_layers(plan, self.calibration, student))
 
-            changed = [n for n, lp in plan.items() if not lp.is_dense]
-            self.stitcher.prepare_external_write(changed)
-            compress_sequential(self.loaded.model, self.all_targets, plan, self.calib_windows.input_ids,
-                                hessian=self._space_needs_hessian(), sink=self._sequential_weights)
-        else:
-            self.stitcher.apply(plan)
-        return model_size(self.loaded.model, self.all_targets, plan)
+    def _size(self, applied):
+        size = model_size(applied.model, applied.targets, applied.per_layer)
+        return size if applied.student is None else replace(size, dense_bytes=self.dense.size_bytes)
 
     def compressed_weights(self) -> dict:
         """``{target: CompressedWeight}`` (codes, scales, masks) of the model :meth:`compress` made last."""
-        if self._sequential_weights:
-            return dict(self._sequential_weights)
-        stitcher = self._student.stitcher if self.current_model is not self.loaded.model else self.stitcher
-        return stitcher.compressed_weights()
+        return self.applier.current.compressed_weights()
 
     def current(self) -> tuple[Any, list[Target], dict[str, LayerPlan]]:
         """(model, all its targets, per-layer plan) as :meth:`compress` left them."""
-        return self.current_model, self._current_targets, dict(self._current_plan)
+        applied = self.applier.current
+        return applied.model, applied.targets, dict(applied.per_layer)
 
     def latency_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Latency and memory of the current model (:class:`~autocomp.latency.trial.LatencyEvaluator`);
@@ -297,7 +232,7 @@ class TrialEvaluator:
         else:
             scores, _ = score_windows(model, ids, reference=ref)
         t2 = time.perf_counter()
-        numels = self._numels if student is None else {t.name: t.numel for t in self._student.targets}
+        numels = self._numels if student is None else {t.name: t.numel for t in self.applier.student(student)[1].stats_targets}
         searched = {n: plan.get(n, LayerPlan()) for n in numels}
         summary = summarize(searched, numels)
         extra = self._student_metrics(student)
@@ -325,7 +260,7 @@ class TrialEvaluator:
         (from the cache: what it cost when it was built, so cost-aware search sees the real price)."""
         if student is None:
             return dict(self._teacher_metrics)
-        built = self._student.built
+        built = self.applier.student(student)[0]
         return {"params": float(built.n_params), "student_layers": float(len(built.kept_layers)),
                 "distill_steps": float(built.spec.distill.steps), "seconds_distill": built.seconds_distill,
                 "seconds_prune": built.seconds_prune, "student_cached": float(built.from_cache)}

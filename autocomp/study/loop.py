@@ -9,8 +9,9 @@ the same storage, which is the only thing they share:
 * a configuration that a finished trial already evaluated is not evaluated again: the new trial
   takes its figures (``reused_from``); one that another worker is evaluating right now (a lower trial
   number) is waited for. Only retries of lost trials evaluate a plan twice;
-* a trial that raises (a layer that cannot take its plan, out of memory, NaN) is recorded as failed
-  with its plan and traceback and the loop goes on; ``MAX_CONSECUTIVE_FAILURES`` in a row stop it,
+* a trial that raises (a layer that cannot take its plan, out of memory, NaN) or scores a non-finite
+  perplexity, KL or objective is recorded as failed with its plan, reason and traceback, never as
+  completed, and the loop goes on; ``MAX_CONSECUTIVE_FAILURES`` in a row stop it,
   since then the configuration itself is broken;
 * Ctrl-C marks the running trial failed, queues it again, and exits; the next run picks it up;
 * a trial that another worker gave up as lost while it was still running here (a stalled process
@@ -27,7 +28,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from autocomp.errors import AutocompError, StudyError
+from autocomp.errors import AutocompError, NonFiniteScoreError, StudyError
 from autocomp.config.objectives import objective_values
 from autocomp.config.plan import CompressionPlan
 from autocomp.config.spec import StudySpec
@@ -193,6 +194,7 @@ def _reuse(trial, twin, spec: StudySpec, evaluator) -> tuple[list[float], dict[s
         partial = dict(twin.user_attrs.get("partial_metrics", {}))
         raise TrialPruned(f"same configuration as trial {twin.number}: {twin.user_attrs.get('pruned_reason', '')}", partial)
     metrics = dict(twin.user_attrs["metrics"])
+    check_finite_scores(metrics, spec.objectives)   # a twin stored before broken trials were failed
     metrics["seconds"] = 0.0
     trial.set_user_attr("metrics", metrics)
     for name, value in spec.budgets.constraints(metrics, evaluator.dense.perplexity).items():
@@ -208,9 +210,7 @@ def _run_trial(study, trial, spec: StudySpec, evaluator, screen=None, pinned=Non
         student = spec.space.student.resolve(spec.space.student.suggest(trial), evaluator.teacher_dims)
     if student is not None:  # the teacher layers' plans, carried over to the student built from them
         per_layer = evaluator.student_plan(per_layer, student)
-    # sequential mode collects no dense statistics up front, but its plans are calibrated all the same
-    calibrated = bool(evaluator.stats) or getattr(evaluator, "calib_windows", None) is not None
-    plan = CompressionPlan.explicit(per_layer, calibration=spec.calibration() if calibrated else None,
+    plan = CompressionPlan.explicit(per_layer, calibration=evaluator.calibration,
                                     embeddings=any(not t.in_blocks for t in evaluator.targets), student=student)
     trial.set_user_attr("plan", plan.to_dict())
     uniform = spec.space.describe_uniform(trial.params, list(pinned or {}))
@@ -222,12 +222,23 @@ def _run_trial(study, trial, spec: StudySpec, evaluator, screen=None, pinned=Non
     kwargs = {"student": student} if student is not None else {}
     metrics = evaluator.evaluate(per_layer, screen, **kwargs) if screen is not None else evaluator.evaluate(per_layer, **kwargs)
     metrics["seconds"] = time.perf_counter() - start
-    if not math.isfinite(metrics["perplexity"]):
-        trial.set_user_attr("note", "perplexity overflowed: the compressed model is broken")
+    check_finite_scores(metrics, spec.objectives)
     trial.set_user_attr("metrics", metrics)
     for name, value in spec.budgets.constraints(metrics, evaluator.dense.perplexity).items():
         trial.set_constraint(name, value)
     return objective_values(metrics, spec.objectives), metrics
+
+
+def check_finite_scores(metrics: Mapping[str, Any], objectives: tuple[str, ...]) -> None:
+    """NonFiniteScoreError when the perplexity, the KL (when measured) or an objective of a trial is
+    not a finite number: the compressed model is broken, and the trial fails with that reason."""
+    names = ["perplexity", "kl", *objectives]
+    bad = [f"{name} {metrics[name]}" for name in dict.fromkeys(names)
+           if name in metrics and metrics[name] is not None
+           and not (isinstance(metrics[name], (int, float)) and math.isfinite(metrics[name]))]
+    if bad:
+        raise NonFiniteScoreError(f"non-finite score ({', '.join(bad)}): the compressed model is broken "
+                                  "(overflow or NaN in its weights or activations)")
 
 
 def say(bar, echo: Callable[[str], None], message: str) -> None:

@@ -9,12 +9,24 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from autocomp._version import __version__
-from autocomp.errors import AutocompError, BudgetError, StudyError
+from autocomp.errors import AutocompError, BudgetError, ModelLoadError, StudyError
 from autocomp.config.spec import StudySpec, spec_differences
+from autocomp.inputs.data import check_window_lengths
 from autocomp.samplers import make_sampler
 from autocomp.store.schema import (BASELINES_ATTR, DENSE_ATTR, HASH_ATTR, PINNED_ATTR, SENSITIVITY_ATTR, SPEC_ATTR,
                                    TARGET_ATTR, optuna_quiet, write_header)
-from autocomp.store.urls import mask_url
+from autocomp.store.urls import check_study_name, mask_url
+
+
+def check_dense_finite(perplexity: float, model: str) -> None:
+    """ModelLoadError unless the dense model's perplexity is a finite number."""
+    import math
+
+    if not isinstance(perplexity, (int, float)) or not math.isfinite(perplexity):
+        raise ModelLoadError(f"the dense model {model!r} scores perplexity {perplexity} on the evaluation windows: "
+                             "its weights or activations are not finite (NaN/inf), so no configuration can be "
+                             "compared with it; check or re-download the model")
+
 
 def check_spec(study, spec: StudySpec) -> None:
     stored_hash = study.user_attrs.get(HASH_ATTR)
@@ -33,6 +45,16 @@ def check_spec(study, spec: StudySpec) -> None:
         )
 
 
+def check_remote_code(spec: StudySpec, allowed: bool, command: str, study_name: str) -> None:
+    """StudyError when ``spec`` (read from a storage) loads its model with custom code but the command
+    about to load it was not itself given ``--trust-remote-code`` (``allowed``): custom code runs only
+    on the word of the person running the command, never on the word of the storage."""
+    if spec.trust_remote_code and not allowed:
+        raise StudyError(f"study {study_name!r} loads model {spec.model!r} with its own code (it was created with "
+                         f"--trust-remote-code); {command} runs that code only when given the flag itself: pass "
+                         "--trust-remote-code if you trust the model and the study storage")
+
+
 def stored_spec(study) -> StudySpec:
     """The spec a study was created with (for workers that join it without the search's options)."""
     raw = study.user_attrs.get(SPEC_ATTR)
@@ -48,7 +70,15 @@ def stored_spec(study) -> StudySpec:
 def prepare_study(spec: StudySpec, storage, storage_url: str, study_name: str, evaluator, n_trials: int,
                   echo: Callable[[str], None] = print, progress: bool = True):
     """Create the study (or check the stored one), record the dense figures and the target, and queue
-    the initial trials once. ``evaluator`` has the model loaded. Returns the study."""
+    the initial trials once. ``evaluator`` has the model loaded. Returns the study.
+    Raises, before anything is stored, DataError for a window longer than the model's positions and
+    ModelLoadError when the dense model scores a non-finite perplexity (non-finite weights or
+    activations: no trial could be compared with it)."""
+    check_study_name(study_name)
+    loaded = getattr(evaluator, "loaded", None)
+    if loaded is not None:
+        check_window_lengths(spec.sequence_lengths(), loaded.model.config, f"model {spec.model!r}")
+    check_dense_finite(evaluator.dense.perplexity, spec.model)
     optuna = optuna_quiet()
     if spec.budgets.max_size_mb is not None:
         floor = evaluator.min_size_mb()

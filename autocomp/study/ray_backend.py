@@ -79,8 +79,10 @@ class RayTrialWorker:
 
         torch.set_num_threads(max(1, threads))
         self.node = ray.get_runtime_context().get_node_id()
+        # the spec is the search command's own (checked equal to the stored one): its flag is the user's word
         self.inner = StudyWorker(storage_url, study_name, worker=worker, primary=primary, cache_bytes=cache_bytes,
-                                 cache_dir=cache_dir, claim_attrs={"node": self.node, "backend": "ray"})
+                                 cache_dir=cache_dir, claim_attrs={"node": self.node, "backend": "ray"},
+                                 trust_remote_code=bool(spec.get("trust_remote_code")))
         self.inner.evaluator(StudySpec.from_dict(spec))  # load the model now: all actors load at once
 
     def where(self) -> dict[str, Any]:

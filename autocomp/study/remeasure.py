@@ -39,11 +39,12 @@ class RemeasureOutcome:
 
 
 def remeasure_front(storage_url: str, study_name: str, evaluator=None, echo: Callable[[str], None] = print,
-                    max_rounds: int = 50) -> RemeasureOutcome:
+                    max_rounds: int = 50, trust_remote_code: bool = False) -> RemeasureOutcome:
     """Re-measure the feasible front until all of it is re-measured (module docstring).
 
     ``evaluator``: a :class:`~autocomp.study.evaluate.TrialEvaluator` of this study already holding the
-    model (the search's own); None loads one."""
+    model (the search's own); None loads one, which a study whose model runs its own code allows only
+    with ``trust_remote_code`` (StudyError otherwise, before anything is loaded)."""
     from autocomp.latency.trial import kernel_summary, measure_deployed
     from autocomp.front import pareto_front
     from autocomp.store.records import load_records
@@ -56,6 +57,10 @@ def remeasure_front(storage_url: str, study_name: str, evaluator=None, echo: Cal
     if spec.latency is None:
         raise StudyError(f"study {study_name!r} does not measure latency (it was searched without latency "
                          "settings); nothing to re-measure")
+    if evaluator is None:
+        from autocomp.study.prepare import check_remote_code
+
+        check_remote_code(spec, trust_remote_code, "autocomp measure", study_name)
     study = load_existing(open_storage(storage_url, must_exist=True), study_name)
     outcome = RemeasureOutcome()
     for _ in range(max_rounds):

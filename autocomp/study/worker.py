@@ -17,7 +17,7 @@ from autocomp.config.spec import StudySpec
 from autocomp.study.local import SearchOutcome, finished_already, worker_name, worker_sampler
 from autocomp.study.loop import LoopCounts, count_completed, trial_loop
 from autocomp.store.schema import BASELINES_ATTR, HASH_ATTR, TARGET_ATTR, load_existing
-from autocomp.study.prepare import prepare_study, stored_spec
+from autocomp.study.prepare import check_remote_code, prepare_study, stored_spec
 from autocomp.store.urls import mask_url, open_storage
 
 
@@ -29,13 +29,20 @@ def worker_seed(spec: StudySpec, worker: str, primary: bool) -> int:
 
 class StudyWorker:
     """Runs trials of ``study_name`` in ``storage_url``; keeps its evaluator (the loaded model and the
-    variant cache) between :meth:`run` calls."""
+    variant cache) between :meth:`run` calls.
+
+    ``trust_remote_code``: this process may run the model's own code. The stored spec of a study
+    created with ``--trust-remote-code`` is not enough (anyone who can write to a shared storage could
+    make every worker run code): :meth:`run` refuses such a study unless the worker itself was given
+    the flag (:func:`~autocomp.study.prepare.check_remote_code`)."""
 
     def __init__(self, storage_url: str, study_name: str, *, worker: str | None = None, primary: bool = False,
                  cache_bytes: int = 2 << 30, cache_dir: str | Path | None = None,
                  evaluator_factory: Callable[[StudySpec], Any] | None = None,
-                 claim_attrs: Mapping[str, Any] | None = None, must_exist: bool = False) -> None:
+                 claim_attrs: Mapping[str, Any] | None = None, must_exist: bool = False,
+                 trust_remote_code: bool = False) -> None:
         self.storage_url = storage_url
+        self.trust_remote_code = trust_remote_code
         self.study_name = study_name
         self.worker = worker or worker_name()
         self.primary = primary
@@ -80,6 +87,7 @@ class StudyWorker:
         """Trials until the study holds ``n_trials`` finished ones (default: the target of its search)."""
         study = self.study()
         spec = stored_spec(study)
+        check_remote_code(spec, self.trust_remote_code, "autocomp worker", self.study_name)
         target = int(n_trials if n_trials is not None else study.user_attrs.get(TARGET_ATTR, 0))
         if target < 1:
             raise StudyError(f"study {self.study_name!r} stores no trial target; pass --trials N")
@@ -93,12 +101,14 @@ class StudyWorker:
 
 def run_worker(storage_url: str, study_name: str, n_trials: int | None = None, progress: bool = True,
                echo: Callable[[str], None] = print, cache_bytes: int = 2 << 30,
-               cache_dir: str | Path | None = None) -> SearchOutcome:
-    """``autocomp worker``: join the study and work until it holds its target of finished trials."""
+               cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> SearchOutcome:
+    """``autocomp worker``: join the study and work until it holds its target of finished trials.
+    ``trust_remote_code``: see :class:`StudyWorker`."""
     if n_trials is not None and n_trials < 1:
         raise StudyError(f"--trials must be at least 1, got {n_trials}")
     # must_exist: a mistyped SQLite path must not create an empty database
-    worker = StudyWorker(storage_url, study_name, cache_bytes=cache_bytes, cache_dir=cache_dir, must_exist=True)
+    worker = StudyWorker(storage_url, study_name, cache_bytes=cache_bytes, cache_dir=cache_dir, must_exist=True,
+                         trust_remote_code=trust_remote_code)
     echo(f"worker {worker.worker} joins study {study_name!r} in {mask_url(storage_url)}")
     counts = worker.run(n_trials, progress=progress, echo=echo)
     return SearchOutcome(study_name, count_completed(worker.study()), counts.ran, counts.failed, counts.pruned,

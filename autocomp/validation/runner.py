@@ -88,6 +88,16 @@ def _set_figures(scores, dense_scores, config: ValidationConfig) -> dict[str, An
     return out
 
 
+def reproduction_figures(rebuilt_ppl: float, stored_ppl: Any) -> dict[str, Any]:
+    """``search_reproduced_rel`` (the relative difference between the perplexity the rebuilt trial
+    scores on the search windows and the one the study stored; nan when either is not a positive
+    finite number) and ``search_stored_perplexity``: what
+    :func:`autocomp.validation.verdicts.reproduction` judges."""
+    ok = all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (rebuilt_ppl, stored_ppl))
+    return {"search_reproduced_rel": abs(rebuilt_ppl / stored_ppl - 1.0) if ok else math.nan,
+            "search_stored_perplexity": stored_ppl if isinstance(stored_ppl, (int, float)) else math.nan}
+
+
 def _finite(value: Any) -> Any:
     """JSON-safe: optuna stores user attributes as JSON, which has no infinity."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -101,11 +111,18 @@ def _finite(value: Any) -> Any:
 
 def validate_study(storage_url: str, study_name: str, config: ValidationConfig | None = None,
                    budgets: Budgets | None = None, echo: Callable[[str], None] = print, progress: bool = True,
-                   evaluator_factory: Callable[[Any], Any] | None = None) -> dict[str, Any]:
-    """Validate (or finish validating) the study's chosen trials; returns the stored validation."""
+                   evaluator_factory: Callable[[Any], Any] | None = None,
+                   trust_remote_code: bool = False) -> dict[str, Any]:
+    """Validate (or finish validating) the study's chosen trials; returns the stored validation.
+    A study whose model runs its own code is validated only with ``trust_remote_code`` (StudyError
+    otherwise, before anything is loaded: the stored spec alone never allows custom code)."""
+    from autocomp.study.prepare import check_remote_code
+
     config = config or ValidationConfig()
     records = load_records(storage_url, study_name)
     spec = records.spec
+    if evaluator_factory is None:
+        check_remote_code(spec, trust_remote_code, "autocomp validate", study_name)
     sets = study_sets(spec, config.heldout_windows, config.extra, config.extra_windows)
     numbers = list(config.trials) if config.trials is not None else default_trials(records)
     for n in numbers:
@@ -178,8 +195,7 @@ def _run(records: StudyRecords, stored: dict[str, Any], sets: Sequence[EvalSet],
             for s in sets:
                 scores, _ = score_windows(model, windows[s.name].input_ids, reference=references[s.name])
                 entry["sets"][s.name] = _set_figures(scores, dense_scores[s.name], config)
-            stored_ppl = record.metrics.get("perplexity", math.nan)
-            entry["search_reproduced_rel"] = abs(entry["sets"][SEARCH]["perplexity"] / stored_ppl - 1.0)
+            entry.update(reproduction_figures(entry["sets"][SEARCH]["perplexity"], record.metrics.get("perplexity")))
             for task, result in _tasks(model, tokenizer, config.tasks, config).items():
                 dense_task = stored["dense"]["tasks"][task]
                 result["drop_points"] = 100.0 * (dense_task["value"] - result["value"])

@@ -11,7 +11,14 @@ lost):
   model on the same held-out windows, KL on them, the size; latency and memory as re-measured after
   the search) and every task of ``A`` lost at most its points;
 * ``flagged``: the search figures met ``B`` but the held-out ones do not;
-* ``uncertain``: held-out feasible, but the upper end of a bootstrap interval breaks a budget.
+* ``uncertain``: held-out feasible, but the upper end of a bootstrap interval breaks a budget;
+* ``reproduced``: the trial rebuilt from its stored plan scores on the search windows what the study
+  stored for it (relative difference ``search_reproduced_rel`` at most :data:`REPRODUCE_TOLERANCE`).
+  A trial that is not reproduced (its stored figures came from a different model than its plan
+  builds: a corrupted variant cache, a changed model file) is never held-out feasible, so never
+  recommended, whatever its figures; its reasons say so first.
+
+Held-out figures that are missing or not finite (a broken rebuilt model) break every budget.
 """
 
 from __future__ import annotations
@@ -19,18 +26,46 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from autocomp.front import choose, quality_objective
-from autocomp.pareto import non_dominated
+from autocomp.front import choose, objective_vector, quality_objective
+from autocomp.multiobjective import non_dominated
 from autocomp.store.records import StudyRecords, TrialRecord
 from autocomp.config.objectives import Budgets
 from autocomp.validation import HELDOUT, SEARCH
+
+REPRODUCE_TOLERANCE = 1e-3   # relative: the rebuilt model is the same computation on the same windows
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def reproduction(entry: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """(reproduced, reason when not) of a validated trial's entry (module docstring). An entry
+    stored before the check existed carries no ``search_reproduced_rel`` and counts as reproduced."""
+    if "search_reproduced_rel" not in entry:
+        return True, None
+    rel = _finite(entry.get("search_reproduced_rel"))
+    if rel is not None and rel <= REPRODUCE_TOLERANCE:
+        return True, None
+    rebuilt = _finite(entry.get("sets", {}).get(SEARCH, {}).get("perplexity"))
+    stored = _finite(entry.get("search_stored_perplexity"))
+    scores = (f": rebuilt from its plan it scores perplexity {rebuilt:.6g} on the search windows"
+              + (f", the study stored {stored:.6g}" if stored is not None else "")
+              if rebuilt is not None else ": its rebuilt model does not score a finite perplexity")
+    apart = f" ({100 * rel:.3g}% apart)" if rel is not None else ""
+    return False, (f"search score not reproduced{scores}{apart}; its stored figures are not trustworthy "
+                   "(a corrupted variant cache or a changed model?)")
 
 
 def heldout_metrics(record: TrialRecord, entry: Mapping[str, Any], set_name: str = HELDOUT) -> dict[str, float]:
     """The trial's metrics with perplexity and KL replaced by their figures on ``set_name``."""
     figures = entry["sets"][set_name]
     metrics = dict(record.metrics)
-    metrics.update(perplexity=figures["perplexity"], kl=figures.get("kl"), ppl_increase_pct=figures["ppl_increase_pct"])
+    nan = math.nan
+    metrics.update(perplexity=_finite(figures.get("perplexity")) or nan, kl=_finite(figures.get("kl")),
+                   ppl_increase_pct=_finite(figures.get("ppl_increase_pct")) or nan)
+    if metrics["kl"] is None and figures.get("kl", None) is not None:   # stored but not finite
+        metrics["kl"] = nan
     return metrics
 
 
@@ -38,27 +73,38 @@ def verdict(record: TrialRecord, entry: Mapping[str, Any], dense: Mapping[str, A
             acc_budgets: Mapping[str, float] | None = None, dense_search_ppl: float = math.nan) -> dict[str, Any]:
     search_ok = budgets.feasible(record.metrics, dense_search_ppl)
     held = entry["sets"][HELDOUT]
-    reasons: list[str] = []
+    reproduced, not_reproduced = reproduction(entry)
+    reasons: list[str] = [not_reproduced] if not_reproduced else []
     doubts: list[str] = []
     met = " that the search met" if search_ok else ""
     search_fig = entry["sets"].get(SEARCH, {})
-    if budgets.max_ppl_increase_pct is not None:
+    held_inc, held_kl = _finite(held.get("ppl_increase_pct")), _finite(held.get("kl"))
+    if _finite(held.get("perplexity")) is None:
+        reasons.append("held-out perplexity is not finite: the rebuilt model is broken")
+    if budgets.max_ppl_increase_pct is not None and held_inc is not None:
         limit = budgets.max_ppl_increase_pct
-        if held["ppl_increase_pct"] > limit:
-            was = f" ({search_fig['ppl_increase_pct']:+.2f}% on the search windows)" if search_fig else ""
-            reasons.append(f"held-out perplexity {held['ppl_increase_pct']:+.2f}% breaks the +{limit:g}% budget{met}{was}")
-        elif held["ppl_increase_ci"][1] > limit:
-            doubts.append(f"held-out perplexity increase CI reaches {held['ppl_increase_ci'][1]:+.2f}% (budget +{limit:g}%)")
+        search_inc = _finite(search_fig.get("ppl_increase_pct"))
+        high = _finite((held.get("ppl_increase_ci") or [None, None])[1])
+        if held_inc > limit:
+            was = f" ({search_inc:+.2f}% on the search windows)" if search_inc is not None else ""
+            reasons.append(f"held-out perplexity {held_inc:+.2f}% breaks the +{limit:g}% budget{met}{was}")
+        elif high is None or high > limit:
+            doubts.append(f"held-out perplexity increase CI reaches {'an unknown bound' if high is None else f'{high:+.2f}%'}"
+                          f" (budget +{limit:g}%)")
     if budgets.max_kl is not None and held.get("kl") is not None:
-        if held["kl"] > budgets.max_kl:
-            reasons.append(f"held-out KL {held['kl']:.4f} breaks the {budgets.max_kl:g} budget{met}")
-        elif held["kl_ci"][1] > budgets.max_kl:
-            doubts.append(f"held-out KL CI reaches {held['kl_ci'][1]:.4f} (budget {budgets.max_kl:g})")
-    if budgets.max_size_mb is not None and record.metrics["size_mb"] > budgets.max_size_mb:
+        high = _finite((held.get("kl_ci") or [None, None])[1])
+        if held_kl is None:
+            reasons.append(f"held-out KL is not finite: it breaks the {budgets.max_kl:g} budget{met}")
+        elif held_kl > budgets.max_kl:
+            reasons.append(f"held-out KL {held_kl:.4f} breaks the {budgets.max_kl:g} budget{met}")
+        elif high is None or high > budgets.max_kl:
+            doubts.append(f"held-out KL CI reaches {'an unknown bound' if high is None else f'{high:.4f}'} "
+                          f"(budget {budgets.max_kl:g})")
+    if budgets.max_size_mb is not None and not record.metrics.get("size_mb", math.inf) <= budgets.max_size_mb:
         reasons.append(f"size {record.metrics['size_mb']:.1f} MB is over the {budgets.max_size_mb:g} MB budget")
     measured = " (re-measured)" if record.metrics.get("latency_remeasured") else " (as searched)"
     for name, limit, unit in (("latency_ms", budgets.max_latency_ms, "ms"), ("memory_mb", budgets.max_memory_mb, "MB")):
-        if limit is not None and record.metrics.get(name, math.inf) > limit:
+        if limit is not None and not record.metrics.get(name, math.inf) <= limit:
             reasons.append(f"{name.split('_')[0]} {record.metrics.get(name, math.inf):.4g} {unit}{measured} is over "
                            f"the {limit:g} {unit} budget")
     for task, most in (acc_budgets or {}).items():
@@ -75,8 +121,9 @@ def verdict(record: TrialRecord, entry: Mapping[str, Any], dense: Mapping[str, A
                                                             dense["tasks"][task].get("stderr") or 0.0) > most:
             doubts.append(f"{task} accuracy drop could reach the {most:g}-point budget within its standard error")
     held_ok = not reasons
-    return {"search_feasible": search_ok, "heldout_feasible": held_ok, "flagged": search_ok and not held_ok,
-            "uncertain": held_ok and bool(doubts), "reasons": reasons + doubts}
+    return {"search_feasible": search_ok, "heldout_feasible": held_ok,
+            "flagged": search_ok and not held_ok and reproduced, "uncertain": held_ok and bool(doubts),
+            "reproduced": reproduced, "reasons": reasons + doubts}
 
 
 def verdicts(study: StudyRecords, validation: Mapping[str, Any], budgets: Budgets | None = None,
@@ -116,6 +163,6 @@ def recommend_validated(study: StudyRecords, validation: Mapping[str, Any], budg
                                     r.uniform))
     if not held:
         return None, judged
-    front = non_dominated([((r.metrics.get(quality, math.inf), r.metrics["size_mb"]), r) for r in held])
+    front = non_dominated([(objective_vector(r, (quality, "size_mb")), r) for r in held])
     pick = choose(front, budgets, quality, prefer)
     return by_number[pick.trial], judged

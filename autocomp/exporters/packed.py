@@ -1,0 +1,34 @@
+"""``packed``: autocomp's own file, one ``model.packed.safetensors`` of packed low-bit codes, fp16
+scales, zero points and sparse metadata (:mod:`autocomp.deploy.packed_io`): bytes on disk match the
+accounted size. :func:`autocomp.inputs.models.load_model` and :func:`autocomp.api.load_deployed` read it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from autocomp.exporters import ExportFormat, ExportOptions, register_format
+
+
+def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, Any]:
+    import torch
+
+    from autocomp.deploy.packed_io import save_packed
+
+    packed = save_packed(folder, applied.model, applied.targets, applied.compressed_weights(), applied.per_layer,
+                         dtype=getattr(torch, options.dtype))
+    return {"storage_dtype": options.dtype, "bytes_on_disk": packed.bytes_on_disk,
+            "disk_vs_accounted_pct": 100.0 * packed.overhead}
+
+
+def _load(folder: Path):
+    import torch
+
+    from autocomp.deploy.packed_io import load_packed
+
+    return load_packed(folder, dtype=torch.float32)[0]
+
+
+register_format(ExportFormat(
+    "packed", "autocomp's packed file (low-bit codes on disk); autocomp.load_model / load_deployed read it",
+    _write, _load))
