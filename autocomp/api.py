@@ -191,7 +191,8 @@ class Recommendation:
     ``"search"`` (the rule of :func:`recommend`, on the search figures). By held-out figures
     ``validation`` is the stored validation, ``verdicts`` every validated trial's verdict and
     ``records`` the study's trials; by search figures they are None, empty and None.
-    ``best`` is None when nothing is feasible.
+    ``best`` is None when nothing is feasible. ``budgets`` / ``acc_budgets``: the budgets it chose
+    under (the given ones, else the study's and those stored with the validation).
     """
 
     best: TrialRecord | None
@@ -199,6 +200,8 @@ class Recommendation:
     validation: dict[str, Any] | None = None
     verdicts: dict[int, dict[str, Any]] = field(default_factory=dict)
     records: StudyRecords | None = None
+    budgets: Budgets | None = None
+    acc_budgets: dict[str, float] = field(default_factory=dict)
 
 
 RECOMMEND_BY = ("auto", "heldout", "search")
@@ -226,11 +229,14 @@ def recommendation(storage: str, study_name: str, budgets: Budgets | None = None
                          f"{mask_url(storage)} --study-name {study_name} first, or use --by search")
     if acc_budgets and validation is None:
         raise StudyError("--max-acc-drop needs a validated study (autocomp validate --tasks ...)")
-    if validation is None:
-        return Recommendation(recommend(storage, study_name, budgets, prefer), by="search")
     records = load_records(storage, study_name)
+    used = records.spec.budgets if budgets is None else budgets
+    if validation is None:
+        return Recommendation(_recommend(records, budgets, prefer), by="search", budgets=used)
     best, judged = _by_heldout(records, validation, budgets, acc_budgets, prefer)
-    return Recommendation(best, by="heldout", validation=validation, verdicts=judged, records=records)
+    acc = dict(validation.get("acc_budgets", {}) if acc_budgets is None else acc_budgets)
+    return Recommendation(best, by="heldout", validation=validation, verdicts=judged, records=records, budgets=used,
+                          acc_budgets=acc)
 
 
 def study_location(spec: StudySpec, storage: str | None = None, study_name: str | None = None) -> tuple[str, str]:

@@ -69,3 +69,34 @@ class NonFiniteScoreError(AutocompError):
 
 class ExportError(AutocompError):
     """An export cannot be written (disk full, permissions) or its format cannot hold the configuration."""
+
+
+class DiskFullError(AutocompError):
+    """A write failed because the disk (or the file-size limit, ``ulimit -f``) is full."""
+
+
+_DISK_FULL_ERRNOS = (28, 27, 122)   # ENOSPC, EFBIG, EDQUOT
+_DISK_FULL_TEXT = ("no space left on device", "file too large", "disk quota exceeded", "database or disk is full",
+                   "disk i/o error", "os error 28", "os error 27", "os error 122")
+
+
+def disk_full_error(exc: BaseException) -> DiskFullError | None:
+    """The :class:`DiskFullError` that ``exc`` (or an exception it was raised from) stands for: an
+    OSError with ENOSPC / EFBIG / EDQUOT, or a library's wrapping of one (safetensors, SQLite through
+    SQLAlchemy and Optuna); None for anything else. What was written before stays as it was: the
+    study storage's transactions and autocomp's write-then-rename files are never left half done."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = " ".join(str(current).split())
+        if (isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS) or \
+                any(t in text.lower() for t in _DISK_FULL_TEXT):
+            detail = current.strerror if isinstance(current, OSError) and current.strerror else text.split(" (Background")[0]
+            where = f" ({current.filename})" if isinstance(current, OSError) and current.filename else ""
+            return DiskFullError(f"a write failed: {detail[:200]}{where}; the disk or the file-size limit is full: "
+                                 "free space (or raise ulimit -f) and run the command again; what was stored "
+                                 "before (finished trials, complete exports) is intact")
+        current = current.__cause__ or current.__context__
+    return None
+

@@ -1,13 +1,26 @@
-"""Running the autocomp CLI from tests (shared by test_cli.py and test_study.py)."""
+"""Running the autocomp CLI from tests, and reading back the studies it writes (shared by the CLI,
+study, worker, distributed and backend-contract tests)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import optuna
+
 SMALL = ["--eval-windows", "4", "--eval-seq-len", "64", "--calib-windows", "4", "--calib-seq-len", "64", "--no-progress"]
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+RUNNING = optuna.trial.TrialState.RUNNING
+FAIL = optuna.trial.TrialState.FAIL
+WAITING = optuna.trial.TrialState.WAITING
+
+
+# ---- running the CLI -----------------------------------------------------------------------------
 
 
 def cli_env(cache: Path) -> dict[str, str]:
@@ -31,3 +44,91 @@ def run_cli(args: list, cwd: Path, cache: Path, timeout: float = 600) -> subproc
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def search_args(model, url: str, name: str, trials: int, *extra, space: str = "bits", windows=SMALL) -> list:
+    """``autocomp search`` of ``space`` on ``model`` into study ``name`` at ``url``."""
+    return ["search", "--model", model, "--space", space, "--trials", trials, *windows,
+            "--storage", url, "--study-name", name, *extra]
+
+
+def wait_for(proc: subprocess.Popen, log: Path, predicate, what: str, timeout: float = 300):
+    """Poll ``predicate()`` until it returns something true (returned); fail the test with the log's
+    tail if ``proc`` ends first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = predicate()
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before {what}:\n{log.read_text()[-5000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout} s:\n{log.read_text()[-5000:]}")
+        time.sleep(0.05)
+
+
+# ---- reading studies back ------------------------------------------------------------------------
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """A reader's storage: it waits for a writing search's SQLite locks; PostgreSQL through psycopg2."""
+    if url.startswith("sqlite"):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    from cluster import sqlalchemy_url
+
+    return optuna.storages.RDBStorage(sqlalchemy_url(url))
+
+
+def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    """Every trial of study ``name`` (none while the study does not exist yet)."""
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=True)
+    except KeyError:
+        return []
+
+
+def count(trials, state) -> int:
+    return sum(1 for t in trials if t.state == state)
+
+
+def assert_evaluated_once(trials) -> None:
+    """No configuration evaluated twice, except by the retry of a lost trial (``retry_of``) or as a
+    twin that took an earlier trial's figures (``reused_from``)."""
+    keys = [json.dumps(t.params, sort_keys=True) for t in trials
+            if t.state == COMPLETE and "reused_from" not in t.user_attrs and "retry_of" not in t.user_attrs]
+    assert len(keys) == len(set(keys)), "a configuration was evaluated twice"
+
+
+def assert_target_reached(trials, n_trials: int, workers: int = 1) -> None:
+    """The study holds its target: at least ``n_trials`` finished trials and at most ``workers - 1``
+    more (workers that check the count at the same moment may each start the last trial: the race of
+    Optuna's own MaxTrialsCallback, documented in docs/guide/cluster.md)."""
+    finished = count(trials, COMPLETE)
+    assert n_trials <= finished <= n_trials + workers - 1, [t.state for t in trials]
+
+
+def assert_recovered(trials, lost, n_trials: int, before: dict, workers: int = 1):
+    """After a worker died running trial ``lost``: the study reached its target, ``lost`` failed and its
+    configuration ran again exactly once (and finished), every trial finished before the loss is kept as
+    it was, and no configuration was evaluated twice. Returns the failed trial."""
+    assert_target_reached(trials, n_trials, workers)
+    by_number = {t.number: t for t in trials}
+    failed = by_number[lost.number]
+    assert failed.state == FAIL, failed.state
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == lost.number]
+    assert len(retries) == 1, [(t.number, t.user_attrs.get("retry_of")) for t in trials]
+    retry = retries[0]
+    assert retry.state == COMPLETE and retry.number > lost.number and retry.user_attrs["retries"] == 1
+    # the retry repeats the lost trial's configuration: its queued (fixed) params when it was queued,
+    # else every param it had drawn (a trial killed while still drawing had only some: the rest are new)
+    expected = {**failed.params, **failed.system_attrs.get("fixed_params", {})}
+    assert expected.items() <= retry.params.items()
+    for number, values in before.items():
+        assert by_number[number].state == COMPLETE and by_number[number].values == values, number
+    assert count(trials, RUNNING) == 0
+    assert_evaluated_once(trials)
+    return failed

@@ -625,12 +625,13 @@ def test_spaces_lists_builtins(tmp_path, cache_dir):
 
 
 def test_cache_command_reports_and_prunes(tmp_path, cache_dir):
-    from safetensors.torch import save_file
+    from autocomp.pipeline.layer import CompressedWeight
+    from autocomp.pipeline.variants import LayerVariantCache
 
     folder = tmp_path / "variants"
+    cache = LayerVariantCache(directory=folder)   # a folder the cache wrote (its marker and naming)
     for i in range(3):
-        (folder / f"{i:02d}").mkdir(parents=True)
-        save_file({"weight": torch.zeros(1000)}, str(folder / f"{i:02d}" / f"{i:02d}abc.safetensors"))
+        cache.get_compressed(f"{i:02d}" + "a" * 62, lambda: CompressedWeight(torch.zeros(10, 100), None, None))
     proc = run_cli(["cache", "--dir", folder], tmp_path, cache_dir)
     assert_ok(proc)
     assert "3 variants" in proc.stdout

@@ -109,6 +109,38 @@ def test_the_stitcher_checks_the_shape_of_cached_variants(tmp_path, tiny_models,
     assert torch.equal(stitcher.variant(target.name, plan), expected)
 
 
+def test_every_cached_tensor_file_is_checked_before_use(tmp_path, caplog):
+    """The same class of fault beyond the variant cache: a corrupted cached file (teacher top-k, dense
+    reference) is recomputed, not used."""
+    from autocomp.cachefile import cached_tensors
+
+    path = tmp_path / "ref.safetensors"
+    good = {"logits": torch.arange(12, dtype=torch.float32).reshape(3, 4), "indices": torch.arange(3)}
+    assert torch.equal(cached_tensors(path, lambda: good, "x")["logits"], good["logits"])
+    _flip_one_bit(path, "logits")
+    with caplog.at_level(logging.WARNING):
+        again = cached_tensors(path, lambda: good, "x")
+    assert torch.equal(again["logits"], good["logits"]) and "integrity" in caplog.text
+
+
+def test_a_corrupted_cached_student_is_rebuilt(tiny_models, tmp_path):
+    from autocomp.inputs.models import load_model
+    from autocomp.students.build import build_student
+    from autocomp.students.spec import DistillSpec, StudentSpec
+
+    loaded = load_model(str(tiny_models["llama"]))
+    spec = StudentSpec(layers=1, ffn=64, distill=DistillSpec(steps=2, batch=4, seq_len=64, windows=8, lr=1e-3))
+    first = build_student(loaded, spec, cache_dir=tmp_path, progress=False)
+    weights = next(tmp_path.glob("*/model.safetensors"))
+    raw = weights.read_bytes()
+    names = set(json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])) - {"__metadata__"}
+    _flip_one_bit(weights, sorted(names)[0])
+    again = build_student(loaded, spec, cache_dir=tmp_path, progress=False)
+    assert not again.from_cache
+    a, b = first.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---- 1. validation: a stored score that the rebuilt model does not reproduce ---------------------
 
 def _records(metrics_by_trial: dict[int, dict], budgets=None):
@@ -466,3 +498,82 @@ def test_validate_and_measure_without_the_flag_refuse_a_study_that_runs_model_co
     # with the flag the same command runs
     stored = validate_study(remote_code_study, "rc", progress=False, echo=lambda m: None, trust_remote_code=True)
     assert stored["trials"]
+
+
+# ---- further faults of the same kinds -----------------------------------------------------------
+
+def test_a_kl_topk_above_the_vocabulary_keeps_the_whole_vocabulary(tiny_models):
+    from autocomp.evaluators.quality import score_windows
+    from autocomp.inputs.models import load_model
+
+    loaded = load_model(str(tiny_models["llama"]))
+    ids = torch.randint(3, 300, (2, 16))
+    scores, ref = score_windows(loaded.model, ids, topk=100000)
+    assert ref.topk_indices.shape == (2, 15, loaded.model.config.vocab_size)
+    again, _ = score_windows(loaded.model, ids, reference=ref)
+    assert float(again.kl.abs().max()) < 1e-6
+
+
+# ---- 10. what the commands print -----------------------------------------------------------------
+
+def test_nothing_feasible_names_the_budgets(capsys):
+    from autocomp.api import Recommendation
+    from autocomp.cli.printing import print_recommendation
+    from autocomp.config.objectives import Budgets
+
+    print_recommendation(Recommendation(None, by="search", budgets=Budgets(max_ppl_increase_pct=1.5, max_size_mb=40)),
+                         "sqlite:///x.db", "s")
+    err = capsys.readouterr().err
+    assert "+1.5%" in err and "40 MB" in err and " ;" not in err, err
+
+
+def test_the_export_hint_is_shell_quoted():
+    import shlex
+
+    from autocomp.cli.printing import export_hint
+
+    hint = export_hint("postgresql://u:pw@h/db?sslmode=require&x=1", "a b;rm -rf ~", 3)
+    words = shlex.split(hint.split("export it: ", 1)[1])
+    assert words[words.index("--storage") + 1] == "postgresql://u:***@h/db?sslmode=require&x=1"
+    assert words[words.index("--study-name") + 1] == "a b;rm -rf ~"
+    assert "pw@" not in hint
+
+
+def test_printing_copes_with_non_finite_figures(capsys):
+    from autocomp.api import Recommendation
+    from autocomp.cli.printing import fmt_metrics, print_front, print_recommendation
+    from autocomp.store.records import TrialRecord
+
+    study = _records({0: {"perplexity": math.nan, "size_mb": 0.4, "kl": None},
+                      1: {"perplexity": 10.1, "size_mb": 0.6, "kl": 0.01}})
+    entry = _entry(10.1, None)
+    entry["sets"]["heldout"].update(perplexity=None, ppl_increase_pct=None, ppl_increase_ci=[None, None])
+    validation = {"sets": {"search": {"label": "s"}, "heldout": {"label": "h"}}, "level": 0.95,
+                  "dense": {"sets": {}, "tasks": {}}, "trials": {"0": entry, "1": _entry(10.1, 0.0)}}
+    from autocomp.validation.verdicts import verdicts
+
+    judged = verdicts(study, validation)
+    print_recommendation(Recommendation(study.records[1], by="heldout", validation=validation, verdicts=judged,
+                                        records=study), "sqlite:///x.db", "s")
+    print_front([TrialRecord(0, {"perplexity": math.inf, "size_mb": 1.0, "kl": math.nan}, {})], json_out=False)
+    assert "nan" in fmt_metrics({"perplexity": None, "size_mb": math.nan})
+    print_front([TrialRecord(0, {"perplexity": math.inf, "size_mb": 1.0, "kl": math.nan}, {})], json_out=True)
+    out = capsys.readouterr().out
+    json.loads(out[out.index("["):], parse_constant=lambda token: pytest.fail(f"{token} in JSON output"))
+
+
+def test_the_not_reproduced_verdict_is_printed(capsys):
+    from autocomp.api import Recommendation
+    from autocomp.cli.printing import print_recommendation
+    from autocomp.validation.verdicts import recommend_validated
+
+    study = _records({0: {"perplexity": 10.1, "size_mb": 0.4, "kl": 0.01},
+                      1: {"perplexity": 10.1, "size_mb": 0.6, "kl": 0.01}})
+    validation = {"sets": {"search": {"label": "s"}, "heldout": {"label": "h"}}, "level": 0.95,
+                  "dense": {"sets": {}, "tasks": {}}, "acc_budgets": {},
+                  "trials": {"0": _entry(10.1, 0.5), "1": _entry(10.1, 0.0)}}
+    best, judged = recommend_validated(study, validation)
+    print_recommendation(Recommendation(best, by="heldout", validation=validation, verdicts=judged, records=study),
+                         "sqlite:///x.db", "s")
+    out = capsys.readouterr().out
+    assert "NOT REPRODUCED" in out and "recommended: trial 1" in out

@@ -76,6 +76,8 @@ class StudySpec:
                                  "teacher's layers only and cannot be combined with it yet: drop them or the student section")
         if self.kl_topk < 1:
             raise StudyError(f"kl_topk must be >= 1, got {self.kl_topk}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise StudyError(f"--seed must be a whole number from 0 to {2 ** 32 - 1}, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return {

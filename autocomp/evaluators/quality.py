@@ -88,16 +88,19 @@ def score_windows(model: nn.Module, input_ids: torch.Tensor, reference: DenseRef
     log-normaliser ``logsumexp(logits)`` is computed, and the few log-probabilities needed (the
     target token, the dense top-k) are ``logit - lse``. Returns the scores and, when ``topk > 0``, a
     new :class:`DenseReference` built from this model's own outputs (call it on the dense model once
-    per study).
+    per study); a ``topk`` above the vocabulary keeps the whole vocabulary.
     """
     n, seq = input_ids.shape
     nll = torch.zeros(n, dtype=torch.float64)
     kl = torch.zeros(n, dtype=torch.float64) if reference is not None else None
-    ref_lp = torch.empty(n, seq - 1, topk) if topk else None
-    ref_idx = torch.empty(n, seq - 1, topk, dtype=torch.long) if topk else None
+    ref_lp = ref_idx = None
     for w in range(n):
         ids = input_ids[w:w + 1]
         logits = model(ids, use_cache=False).logits[0]
+        if topk and ref_lp is None:
+            topk = min(topk, logits.shape[-1])
+            ref_lp = torch.empty(n, seq - 1, topk)
+            ref_idx = torch.empty(n, seq - 1, topk, dtype=torch.long)
         for start in range(0, seq - 1, chunk):
             stop = min(start + chunk, seq - 1)
             z = logits[start:stop].float()

@@ -13,7 +13,7 @@ and the autocomp version. Two tiers:
   were made, so a hit is bit-identical to the computed weight.
 
 Integrity: every file carries the SHA-256 of its tensors (names, dtypes, shapes, bytes) in its
-safetensors metadata, checked on every read. A file that fails the check (a flipped bit, a torn or
+safetensors metadata, checked on every read (:mod:`autocomp.cachefile`). A file that fails the check (a flipped bit, a torn or
 foreign write, no digest), or that holds a weight of another shape or dtype than the layer's, is a
 *bad entry*: it is never used, the variant is recomputed and rewritten, and a warning counting the
 bad entries so far is logged (logger ``autocomp.variants``; :attr:`LayerVariantCache.bad_entries`).
@@ -39,11 +39,11 @@ from typing import Callable
 import torch
 
 from autocomp._version import __version__
+from autocomp.cachefile import load_tensors, save_tensors
 from autocomp.pipeline.layer import CompressedWeight
 from autocomp.config.plan import LayerPlan
 
 MARKER = ".autocomp-variant-cache"
-DIGEST_KEY = "autocomp_sha256"
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
 _log = logging.getLogger("autocomp.variants")
 
@@ -81,16 +81,6 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _dtype_code(dtype: torch.dtype) -> int:
     return _DTYPES.index(dtype)
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a variant file's content: every tensor's name, dtype, shape and bytes, by name."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 def is_entry_path(directory: Path, path: Path) -> bool:
@@ -199,20 +189,15 @@ class LayerVariantCache:
         if self.directory is None:
             return None
         path = self._path(key)
-        if not path.exists():
+        tensors, why = load_tensors(path)
+        if tensors is None:
+            if why is not None:
+                self._bad(path, why)
             return None
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                stored = (fh.metadata() or {}).get(DIGEST_KEY)
-                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-            if stored is None or stored != tensors_digest(tensors):
-                self._bad(path, "has no digest" if stored is None else "fails its integrity check (digest mismatch)")
-                return None
             value = _compressed_from_tensors(tensors)
-        except (SafetensorError, OSError, KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:
-            self._bad(path, f"cannot be read ({type(exc).__name__})")
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:   # checked, but not a variant
+            self._bad(path, f"is not a layer variant ({type(exc).__name__})")
             return None
         if expect is not None and (tuple(value.weight.shape) != tuple(expect[0]) or value.weight.dtype != expect[1]):
             self._bad(path, f"holds a {tuple(value.weight.shape)} {value.weight.dtype} weight, not the layer's "
@@ -227,23 +212,7 @@ class LayerVariantCache:
     def _write(self, key: str, cw: CompressedWeight) -> None:
         if self.directory is None:
             return
-        from safetensors.torch import save_file
-
-        path = self._path(key)
-        tensors = _to_tensors(cw)
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            save_file(tensors, tmp, metadata={DIGEST_KEY: tensors_digest(tensors)})
-            os.replace(tmp, path)
-        except OSError as exc:  # disk full, quota, read-only: the variant stays in memory only
-            _log.warning("autocomp: warning: cannot write variant cache entry %s (%s); kept in memory only",
-                         path, exc.strerror or exc)
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+        save_tensors(self._path(key), _to_tensors(cw))   # a failed write (disk full) leaves it in memory only
 
     def get_or_compute(self, key: str, compute: Callable[[], CompressedWeight], persist: bool = True,
                        expect: Expected | None = None) -> torch.Tensor:

@@ -48,6 +48,8 @@ def write_report(records: StudyRecords, front: Sequence[TrialRecord], recommende
 
     data = build_report_data(records, front, recommended, validation, selected)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file, not a folder; give a folder for the report (new or existing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

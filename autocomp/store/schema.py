@@ -47,11 +47,9 @@ def optuna_quiet():
 
 
 def load_existing(storage, study_name: str):
-    """The Optuna study ``study_name`` in ``storage`` if it exists, else None (StudyError for a name
-    that :func:`autocomp.store.urls.check_study_name` refuses)."""
-    from autocomp.store.urls import check_study_name
-
-    check_study_name(study_name)
+    """The Optuna study ``study_name`` in ``storage`` if it exists, else None. Any name is read (a
+    storage may hold studies other tools named); only creating one checks the name
+    (:func:`autocomp.store.urls.check_study_name`)."""
     optuna = optuna_quiet()
     try:
         return optuna.load_study(study_name=study_name, storage=storage)

@@ -48,7 +48,9 @@ def check_study_name(name: str) -> str:
     """``name`` when it is a safe study name, else StudyError: one path component of 1-128 letters,
     digits, ``.``, ``_`` and ``-``, not starting with ``.`` (the default storage is
     ``results/<name>/study.db``, so a name must not leave ``results/`` or nest folders). Every
-    entry point that takes a study name (search, prepare, worker and the readers) checks it here."""
+    entry point that creates a study, forms a path from its name or works on it (search, prepare,
+    worker, the default storage URL, study creation) checks it here; readers of an existing storage
+    read any name it holds."""
     if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
         shown = name if isinstance(name, str) else type(name).__name__
         raise StudyError(f"study name {shown!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "

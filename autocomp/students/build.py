@@ -71,21 +71,21 @@ def _students_root(cache_dir: Path | None) -> Path:
 
 
 def teacher_topk(teacher, fingerprint: str, windows, k: int) -> "TeacherTopK":  # noqa: F821
-    """The teacher's top-k targets on ``windows`` (computed once, then read from disk)."""
+    """The teacher's top-k targets on ``windows`` (computed once, then read from disk; a cached file
+    that fails its integrity check is recomputed, see :mod:`autocomp.cachefile`)."""
+    from autocomp.cachefile import cached_tensors
     from autocomp.inputs.models import cache_root
     from autocomp.students.distill import TeacherTopK
 
     digest = hashlib.sha256(f"{fingerprint}:{windows.sha256}:{k}".encode()).hexdigest()[:20]
-    path = cache_root() / "teacher-topk" / f"{digest}.pt"
-    if path.exists():
-        data = torch.load(path, weights_only=True)
-        return TeacherTopK(data["logits"], data["indices"])
-    top = TeacherTopK.compute(teacher, windows.input_ids, k)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{id(top)}")
-    torch.save({"logits": top.logits, "indices": top.indices}, tmp)
-    tmp.replace(path)
-    return top
+    path = cache_root() / "teacher-topk" / f"{digest}.safetensors"
+
+    def compute() -> dict[str, torch.Tensor]:
+        top = TeacherTopK.compute(teacher, windows.input_ids, k)
+        return {"logits": top.logits, "indices": top.indices}
+
+    data = cached_tensors(path, compute, "teacher top-k targets")
+    return TeacherTopK(data["logits"], data["indices"])
 
 
 def build_student(loaded, spec: StudentSpec, cache_dir: str | Path | None = None, progress: bool = True,
@@ -100,7 +100,9 @@ def build_student(loaded, spec: StudentSpec, cache_dir: str | Path | None = None
     root = _students_root(Path(cache_dir) if cache_dir is not None else None)
     folder = root / digest
     if use_cache and (folder / "student.json").exists():
-        return _load_cached(folder)
+        cached = _load_cached(folder)
+        if cached is not None:
+            return cached
     t0 = time.perf_counter()
     calib = windows.input_ids[:IMPORTANCE_WINDOWS]
     pruned = prune_student(loaded.model, resolved.shape, calib)
@@ -131,7 +133,8 @@ def _save(folder: Path, built: BuiltStudent, tokenizer) -> None:
     try:
         built.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "student.json").write_text(json.dumps(built.info(), indent=2) + "\n")
+        info = {**built.info(), "weights_sha256": _weights_digests(tmp)}
+        (tmp / "student.json").write_text(json.dumps(info, indent=2) + "\n")
         try:
             tmp.rename(folder)
         except OSError:  # another process saved the same student first
@@ -142,11 +145,35 @@ def _save(folder: Path, built: BuiltStudent, tokenizer) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_cached(folder: Path) -> BuiltStudent:
+def _weights_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every weights file of a saved student, by file name."""
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+        out[path.name] = digest.hexdigest()
+    return out
+
+
+def _load_cached(folder: Path) -> BuiltStudent | None:
+    """The cached student, or None (the folder removed, to be rebuilt) when its weights do not match
+    the digests saved with them or it cannot be read: a corrupted cache must not change a trial."""
+    import logging
+
     from transformers import AutoModelForCausalLM
 
-    info = json.loads((folder / "student.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        info = json.loads((folder / "student.json").read_text())
+        if not info.get("weights_sha256") or _weights_digests(folder) != info["weights_sha256"]:
+            raise ValueError("weights do not match their digests")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        logging.getLogger("autocomp.cache").warning(
+            "autocomp: warning: cached student %s is unusable (%s); rebuilt", folder, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

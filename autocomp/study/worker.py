@@ -109,6 +109,7 @@ def run_worker(storage_url: str, study_name: str, n_trials: int | None = None, p
     # must_exist: a mistyped SQLite path must not create an empty database
     worker = StudyWorker(storage_url, study_name, cache_bytes=cache_bytes, cache_dir=cache_dir, must_exist=True,
                          trust_remote_code=trust_remote_code)
+    check_remote_code(stored_spec(worker.study()), trust_remote_code, "autocomp worker", study_name)  # before any output
     echo(f"worker {worker.worker} joins study {study_name!r} in {mask_url(storage_url)}")
     counts = worker.run(n_trials, progress=progress, echo=echo)
     return SearchOutcome(study_name, count_completed(worker.study()), counts.ran, counts.failed, counts.pruned,
