@@ -390,7 +390,7 @@ def _write_folder(out: Path, write) -> Path:
     import shutil
     import tempfile
 
-    from autocomp.errors import ExportError
+    from autocomp.errors import ExportError, disk_write_failure
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -400,9 +400,12 @@ def _write_folder(out: Path, write) -> Path:
         if out.exists():
             out.rmdir()  # empty (checked before loading)
         tmp.rename(out)
-    except OSError as exc:
-        raise ExportError(f"could not write the export to {out}: {exc.strerror or exc}; free space or choose "
-                          "another --out") from None
+    except Exception as exc:
+        reason = disk_write_failure(exc) or (exc.strerror if isinstance(exc, OSError) else None)
+        if reason is None:
+            raise
+        raise ExportError(f"write failed ({reason}): the export to {out} was not written; free disk space or "
+                          "choose another --out") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -432,12 +435,16 @@ def load_deployed(folder: str | Path, device: str = "cpu", dtype: str = "float32
 
 
 def export(storage: str, study_name: str, trial: int, out: str | Path, format: str = "packed",
-           dtype: str = "float16", cache_dir: str | Path | None = None) -> Path:
-    """Rebuild trial ``trial`` of the study from its stored plan and save it like :func:`compress`."""
+           dtype: str = "float16", cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> Path:
+    """Rebuild trial ``trial`` of the study from its stored plan and save it like :func:`compress`.
+    ``trust_remote_code`` must be given for a study whose model runs its own code: the stored spec
+    alone never makes this process run it."""
+    from autocomp.study.prepare import check_remote_code
+
     records = load_records(storage, study_name)
+    check_remote_code(records.spec, trust_remote_code, "autocomp export", study_name)
     record = find_trial(records, trial)
     plan = CompressionPlan.from_dict(record.plan, where=f"trial {trial} plan")
-    return compress(records.spec.model, plan, out, trust_remote_code=records.spec.trust_remote_code,
+    return compress(records.spec.model, plan, out, trust_remote_code=records.spec.trust_remote_code and trust_remote_code,
                     provenance={"study_name": study_name, "trial": trial, "metrics": record.metrics},
                     format=format, dtype=dtype, cache_dir=cache_dir)
-

@@ -100,3 +100,26 @@ def disk_full_error(exc: BaseException) -> DiskFullError | None:
         current = current.__cause__ or current.__context__
     return None
 
+
+
+_DISK_ERRNOS = {27: "file too large", 28: "no space left on the device", 122: "disk quota exceeded"}
+_DISK_TEXTS = {"os error 27": "file too large", "os error 28": "no space left on the device",
+               "file too large": "file too large", "no space left": "no space left on the device",
+               "database or disk is full": "no space left on the device", "disk i/o error": "disk I/O error"}
+
+
+def disk_write_failure(exc: BaseException) -> str | None:
+    """Why ``exc`` (or an exception it was raised from) is a failed write to a full or size-limited
+    disk, in words; None when it is something else. Libraries wrap the OSError (safetensors, SQLite
+    through SQLAlchemy and Optuna), so the whole cause chain and the messages are looked at."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            return _DISK_ERRNOS[exc.errno]
+        text = str(exc).lower()
+        for needle, reason in _DISK_TEXTS.items():
+            if needle in text:
+                return reason
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -293,7 +293,7 @@ def test_recommend_under_new_budgets_reads_stored_trials(study):
     proc = run_main(["recommend", "--storage", study.url, "--study-name", STUDY, "--max-size-mb", "0.0001",
                      "--by", "search"])
     assert proc.returncode == 3
-    assert "no stored configuration meets these budgets" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no stored configuration meets the budgets" in proc.stderr and "Traceback" not in proc.stderr
 
     # recommend ran nothing and changed nothing
     assert snapshot(study.url) == before

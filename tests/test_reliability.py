@@ -557,9 +557,12 @@ def test_printing_copes_with_non_finite_figures(capsys):
                                         records=study), "sqlite:///x.db", "s")
     print_front([TrialRecord(0, {"perplexity": math.inf, "size_mb": 1.0, "kl": math.nan}, {})], json_out=False)
     assert "nan" in fmt_metrics({"perplexity": None, "size_mb": math.nan})
+    text = capsys.readouterr().out
+    assert "inf" in text and "recommended: trial 1" in text
     print_front([TrialRecord(0, {"perplexity": math.inf, "size_mb": 1.0, "kl": math.nan}, {})], json_out=True)
     out = capsys.readouterr().out
-    json.loads(out[out.index("["):], parse_constant=lambda token: pytest.fail(f"{token} in JSON output"))
+    front = json.loads(out, parse_constant=lambda token: pytest.fail(f"{token} in JSON output"))
+    assert front[0]["metrics"]["perplexity"] is None
 
 
 def test_the_not_reproduced_verdict_is_printed(capsys):

@@ -20,16 +20,24 @@ from typing import Sequence
 
 from autocomp._version import __version__
 from autocomp.cli.read import EXIT_NOTHING_FEASIBLE
-from autocomp.errors import AutocompError
+from autocomp.errors import AutocompError, disk_write_failure
 
 __all__ = ["EXIT_NOTHING_FEASIBLE", "build_parser", "main"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (``autocomp: error: ...``, exit 2), like
+    every other user error; ``--help`` still prints the full usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"autocomp: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``autocomp`` parser; every sub-command sets ``func(args) -> exit code``."""
     from autocomp.cli import admin, models, read, search
 
-    parser = argparse.ArgumentParser(prog="autocomp", description="Automated compression search for causal LMs.")
+    parser = OneLineParser(prog="autocomp", description="Automated compression search for causal LMs.")
     parser.add_argument("--version", action="version", version=f"autocomp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (search, read, models, admin):  # the order `autocomp --help` lists them in
@@ -64,3 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except Exception as exc:  # a full disk surfaces through many libraries; anything else is a bug
+        reason = disk_write_failure(exc)
+        if reason is None:
+            raise
+        print(f"autocomp: error: write failed ({reason}): free disk space or raise the file-size limit, then run "
+              "the same command again (finished trials are kept)", file=sys.stderr)
+        return 2

@@ -26,6 +26,8 @@ def add_parser(subparsers) -> None:
     options.add_study(e, required=True)
     e.add_argument("--trial", type=int, required=True)
     e.add_argument("--out", required=True)
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own code (needed for a study created with --trust-remote-code)")
     options.add_export_format(e)
     e.set_defaults(func=run_export)
 
@@ -36,7 +38,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
     plan = CompressionPlan.load(args.plan)
     out = api.compress(args.model, plan, args.out, trust_remote_code=args.trust_remote_code, format=args.format,
-                       dtype=args.dtype)
+                       dtype=args.dtype, cache_dir=args.variant_cache)
     print_saved(out)
     return 0
 
@@ -44,7 +46,8 @@ def run_compress(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from autocomp import api
 
-    out = api.export(args.storage, args.study_name, args.trial, args.out, format=args.format, dtype=args.dtype)
+    out = api.export(args.storage, args.study_name, args.trial, args.out, format=args.format, dtype=args.dtype,
+                     cache_dir=args.variant_cache, trust_remote_code=args.trust_remote_code)
     print_saved(out)
     return 0
 

@@ -39,10 +39,15 @@ def budgets(args: argparse.Namespace, default: Any = None):
 
 
 def add_export_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", default="packed", choices=["packed", "float"],
-                   help="packed (default): low-bit codes, scales and sparse metadata in one safetensors file, bytes "
-                        "on disk = accounted size (autocomp loads it); float: dequantized float32 weights that plain "
-                        "from_pretrained loads")
+    """``--format`` (a registered export format), ``--dtype`` and ``--variant-cache`` of export/compress."""
+    from autocomp.exporters import available_formats, get_format
+
+    formats = available_formats()
+    p.add_argument("--format", default="packed", choices=formats,
+                   help="; ".join(f"{name}: {get_format(name).description}" for name in formats) + " (default packed)")
+    p.add_argument("--variant-cache", default=None, metavar="DIR",
+                   help="folder of calibrated layer variants to read and fill (default: the one searches use, so an "
+                        "export after a search reuses its variants; 'none': memory only)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                    help="storage dtype of the packed format's 16-bit tensors (default float16)")
 

@@ -7,9 +7,13 @@ reads a study or decides anything: every function formats a value it is given.
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from autocomp.jsonsafe import dumps
 
 
 def stderr(message: str) -> None:
@@ -17,15 +21,25 @@ def stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def num(value: Any, spec: str = "") -> str:
+    """``format(value, spec)`` for a finite number; ``nan`` / ``inf`` / ``-inf`` (padded to the spec's
+    width) for a non-finite or missing (None) one, so a stored broken trial never breaks a printout."""
+    value = math.nan if value is None else float(value)
+    if math.isfinite(value):
+        return format(value, spec)
+    align, width = re.match(r"([<>^]?)[+\- ]?(\d*)", spec).groups()
+    return format(str(value), f"{align or '>'}{width}")
+
+
 def fmt_metrics(m: dict[str, Any]) -> str:
     """One line of a trial's metrics (perplexity, KL, size, bits, sparsity, latency)."""
     kl = m.get("kl")
-    return (f"ppl {m['perplexity']:.3f} ({m.get('ppl_increase_pct', 0):+.2f}%)  "
-            + (f"kl {kl:.4f}  " if kl is not None else "")
-            + f"size {m['size_mb']:.2f} MB (x{m.get('compression_ratio', 1):.2f})  "
-            f"bits {m.get('avg_bits', 16):.2f}  sparsity {m.get('avg_sparsity', 0):.3f}"
-            + (f"  latency {m['latency_ms']:.3g} ms{'' if m.get('latency_remeasured') else ' (search)'}  "
-               f"memory {m.get('memory_mb', 0):.4g} MB" if "latency_ms" in m else ""))
+    return (f"ppl {num(m.get('perplexity'), '.3f')} ({num(m.get('ppl_increase_pct', 0), '+.2f')}%)  "
+            + (f"kl {num(kl, '.4f')}  " if kl is not None else "")
+            + f"size {num(m.get('size_mb'), '.2f')} MB (x{num(m.get('compression_ratio', 1), '.2f')})  "
+            f"bits {num(m.get('avg_bits', 16), '.2f')}  sparsity {num(m.get('avg_sparsity', 0), '.3f')}"
+            + (f"  latency {num(m['latency_ms'], '.3g')} ms{'' if m.get('latency_remeasured') else ' (search)'}  "
+               f"memory {num(m.get('memory_mb', 0), '.4g')} MB" if "latency_ms" in m else ""))
 
 
 def print_front(front: Sequence[Any], json_out: bool) -> None:
@@ -33,7 +47,7 @@ def print_front(front: Sequence[Any], json_out: bool) -> None:
     from autocomp.students.spec import describe_student
 
     if json_out:
-        print(json.dumps([r.to_dict() for r in front], indent=2))
+        print(dumps([r.to_dict() for r in front], indent=2))
         return
     print(f"feasible Pareto set: {len(front)} configuration(s)")
     speed = any("latency_ms" in r.metrics for r in front)
@@ -42,11 +56,12 @@ def print_front(front: Sequence[Any], json_out: bool) -> None:
     for r in front:
         m = r.metrics
         kl = m.get("kl")
-        latency = (f"{m.get('latency_ms', float('nan')):>8.3g}{'' if m.get('latency_remeasured') else '*'}"
-                   f"{' ' if m.get('latency_remeasured') else ''} {m.get('memory_mb', float('nan')):>7.0f}  " if speed else "")
-        print(f"{r.trial:>5}  {m['perplexity']:>10.3f}  {m.get('ppl_increase_pct', 0):>7.2f}  "
-              f"{(f'{kl:.4f}' if kl is not None else '-'):>7}  {m['size_mb']:>8.2f}  {m.get('compression_ratio', 1):>5.2f}  "
-              f"{m.get('avg_bits', 16):>5.2f}  {m.get('avg_sparsity', 0):>8.3f}  " + latency
+        latency = (f"{num(m.get('latency_ms'), '>8.3g')}{'' if m.get('latency_remeasured') else '*'}"
+                   f"{' ' if m.get('latency_remeasured') else ''} {num(m.get('memory_mb'), '>7.0f')}  " if speed else "")
+        print(f"{r.trial:>5}  {num(m.get('perplexity'), '>10.3f')}  {num(m.get('ppl_increase_pct', 0), '>7.2f')}  "
+              f"{(num(kl, '.4f') if kl is not None else '-'):>7}  {num(m.get('size_mb'), '>8.2f')}  "
+              f"{num(m.get('compression_ratio', 1), '>5.2f')}  "
+              f"{num(m.get('avg_bits', 16), '>5.2f')}  {num(m.get('avg_sparsity', 0), '>8.3f')}  " + latency
               + "; ".join(x for x in (describe_student(r.plan), r.uniform or "") if x))
     if speed and not all(r.metrics.get("latency_remeasured") for r in front):
         print("* latency from the search, not re-measured yet (autocomp measure re-measures the front)")
@@ -60,8 +75,8 @@ def print_outcome(outcome) -> None:
 
 
 def _ci(figures: dict[str, Any]) -> str:
-    low, high = figures["ppl_increase_ci"]
-    return f"{figures['ppl_increase_pct']:+.2f}% [{low:+.2f}, {high:+.2f}]"
+    low, high = figures.get("ppl_increase_ci") or (None, None)
+    return f"{num(figures.get('ppl_increase_pct'), '+.2f')}% [{num(low, '+.2f')}, {num(high, '+.2f')}]"
 
 
 def print_validation(validation: dict[str, Any], judged: dict[int, dict[str, Any]], records) -> None:
@@ -80,15 +95,15 @@ def print_validation(validation: dict[str, Any], judged: dict[int, dict[str, Any
         if number not in by_number:
             continue
         v = judged.get(number, {})
-        status = "FLAGGED" if v.get("flagged") else "uncertain" if v.get("uncertain") else \
+        status = "NOT REPRODUCED" if v.get("reproduced") is False else "FLAGGED" if v.get("flagged") else "uncertain" if v.get("uncertain") else \
             "ok" if v.get("heldout_feasible") else "infeasible"
         if v.get("heldout_feasible") and not v.get("search_feasible"):
             status += " held out (the search figures broke the budgets)"
         verdict = status + (": " + "; ".join(v["reasons"]) if v.get("reasons") else "")
-        line = f"{number:>5}  {entry['size_mb']:>8.2f}  " + "  ".join(f"{_ci(entry['sets'][n]):>30}" for n in sets)
+        line = f"{number:>5}  {num(entry.get('size_mb'), '>8.2f')}  " + "  ".join(f"{_ci(entry['sets'][n]):>30}" for n in sets)
         for t in tasks:
             r = entry.get("tasks", {}).get(t)
-            cell = "-" if r is None else f"{100 * r['value']:.1f} ({r['drop_points']:+.1f})"
+            cell = "-" if r is None else f"{num(None if r['value'] is None else 100 * r['value'], '.1f')} ({num(r['drop_points'], '+.1f')})"
             line += f"  {cell:>24}"
         print(line + "  " + verdict)
 
@@ -109,7 +124,10 @@ def recommendation_json(rec) -> dict[str, Any] | None:
 def export_hint(storage: str, study_name: str, trial: int) -> str:
     from autocomp.store.urls import mask_url
 
-    return f"  export it: autocomp export --storage {mask_url(storage)} --study-name {study_name} --trial {trial} --out OUT_DIR"
+    import shlex
+
+    return (f"  export it: autocomp export --storage {shlex.quote(mask_url(storage))} --study-name "
+            f"{shlex.quote(study_name)} --trial {trial} --out OUT_DIR")
 
 
 def print_recommendation(rec, storage: str, study_name: str, with_export_hint: bool = False) -> None:
@@ -123,9 +141,15 @@ def print_recommendation(rec, storage: str, study_name: str, with_export_hint: b
         if flagged:
             print(f"\nFLAGGED: trial(s) {', '.join(map(str, flagged))} met the budgets on the search windows but not "
                   f"on held-out data; they are not recommended")
+        broken = [n for n, v in judged.items() if v.get("reproduced") is False]
+        if broken:
+            print(f"\nNOT REPRODUCED: trial(s) {', '.join(map(str, broken))} rebuilt from their plans do not score what "
+                  "the study stored (a corrupted cache or a changed model); they are not recommended")
     if best is None:
-        where = "on held-out data" if validation is not None else ""
-        print(f"autocomp: no stored configuration meets these budgets {where}; relax them or run more trials",
+        where = " on held-out data" if validation is not None else ""
+        named = rec.budgets.describe() if rec.budgets is not None else "the study's budgets"
+        named += "".join(f", {task} accuracy -{pts:g} points at most" for task, pts in sorted(rec.acc_budgets.items()))
+        print(f"autocomp: no stored configuration meets the budgets ({named}){where}; relax them or run more trials",
               file=sys.stderr)
         return
     print(f"\nrecommended: trial {best.trial}  {fmt_metrics(best.metrics)}" + ("  (search figures)" if validation else ""))

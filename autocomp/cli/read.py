@@ -8,6 +8,7 @@ import json
 import sys
 
 from autocomp.cli import options
+from autocomp.jsonsafe import dumps
 from autocomp.cli.printing import print_front, print_recommendation, recommendation_json, stderr
 
 EXIT_NOTHING_FEASIBLE = 3
@@ -63,7 +64,7 @@ def show_recommendation(storage: str, study_name: str, budgets, prefer: str, acc
 
     rec = api.recommendation(storage, study_name, budgets, acc_budgets, prefer, by)
     if json_out:
-        print(json.dumps(recommendation_json(rec), indent=2))
+        print(dumps(recommendation_json(rec), indent=2))
     else:
         print_recommendation(rec, storage, study_name, with_export_hint)
     return 0 if rec.best is not None else EXIT_NOTHING_FEASIBLE
@@ -100,7 +101,7 @@ def run_validate(args: argparse.Namespace) -> int:
     validation = api.validate(args.storage, args.study_name, config, options.budgets(args),
                               progress=not args.no_progress, echo=stderr)
     if args.json:
-        print(json.dumps(validation, indent=2))
+        print(dumps(validation, indent=2))
         return 0
     return show_recommendation(args.storage, args.study_name, options.budgets(args), "auto", config.acc_budgets,
                                "heldout", False, with_export_hint=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from autocomp.exporters import ExportFormat, ExportOptions, register_format
+from autocomp.exporters.registry import ExportFormat, ExportOptions, register_format
 
 
 def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, Any]:

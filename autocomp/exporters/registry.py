@@ -1,0 +1,53 @@
+"""The export-format registry: :class:`ExportFormat`, :func:`register_format`, :func:`get_format`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from autocomp.errors import PlanError
+
+if TYPE_CHECKING:
+    from autocomp.inputs.models import LoadedModel
+    from autocomp.pipeline.apply import AppliedPlan
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Options every format receives; a format reads those that apply to it."""
+
+    dtype: str = "float16"          # storage dtype of the tensors kept in 16-bit floats
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    description: str                               # one line: what it is and which engines load it
+    write: Callable[[Path, "AppliedPlan", "LoadedModel", ExportOptions], dict[str, Any]]
+    load: Callable[[Path], Any]
+    check: Callable[["AppliedPlan"], None] = field(default=lambda applied: None)
+    dtypes: tuple[str, ...] = ("float16", "bfloat16")
+
+
+_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_format(fmt: ExportFormat) -> ExportFormat:
+    """Add ``fmt`` to the registry (a name registered twice is a programming error)."""
+    if fmt.name in _FORMATS:
+        raise ValueError(f"export format {fmt.name!r} is registered twice")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def available_formats() -> list[str]:
+    return sorted(_FORMATS)
+
+
+def get_format(name: str) -> ExportFormat:
+    """The registered format ``name``; PlanError naming the formats otherwise."""
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise PlanError(f"export format {name!r} is not one of {', '.join(available_formats())}") from None
