@@ -14,7 +14,7 @@ import time
 
 import optuna
 import pytest
-from cli_helpers import assert_ok, cli_command, cli_env
+from cli_helpers import assert_ok, cli_command, cli_env, wait_for
 from cluster import sqlalchemy_url, start_private_ray_cluster
 
 pytestmark = pytest.mark.cluster
@@ -76,16 +76,7 @@ def _complete(trials, n_trials: int, workers: int = 2) -> None:
 
 
 def _wait_for(proc, log, predicate, what: str, timeout: float = TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        found = predicate()
-        if found:
-            return found
-        if proc.poll() is not None:
-            pytest.fail(f"the search ended (exit {proc.returncode}) before {what}:\n{log.read_text()[-5000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"not {what} within {timeout} s:\n{log.read_text()[-5000:]}")
-        time.sleep(0.1)
+    return wait_for(proc, log, predicate, what, timeout)
 
 
 def _running_ray_trial(url, name, min_complete: int, node: str | None = None):

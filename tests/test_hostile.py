@@ -143,7 +143,8 @@ def _snapshot(url: str) -> list[tuple]:
 def hostile(tiny_models, tmp_path_factory, cache_dir):
     """A finished study (the one every row must leave as it is), one created with --trust-remote-code,
     and a folder of bad inputs."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+    from tiny import copy_with_nan_weight
 
     folder = tmp_path_factory.mktemp("hostile")
     url = f"sqlite:///{folder}/study.db"
@@ -156,12 +157,7 @@ def hostile(tiny_models, tmp_path_factory, cache_dir):
 
     bad = folder / "bad"
     bad.mkdir()
-    nan = bad / "nan-model"
-    shutil.copytree(tiny_models["llama"], nan)
-    tensors = load_file(str(nan / "model.safetensors"))
-    name = next(k for k in tensors if "down_proj" in k)
-    tensors[name][0, 0] = float("nan")
-    save_file(tensors, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    copy_with_nan_weight(tiny_models["llama"], bad / "nan-model")
     truncated = bad / "truncated-model"
     shutil.copytree(tiny_models["llama"], truncated)
     weights = truncated / "model.safetensors"

@@ -68,3 +68,18 @@ def build_tiny_model(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def copy_with_nan_weight(src: Path, dst: Path, part: str = "down_proj") -> str:
+    """Copy the model folder ``src`` to ``dst`` with one NaN in the first weight whose name holds
+    ``part``; returns that weight's name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    name = next(k for k in tensors if part in k)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return name
