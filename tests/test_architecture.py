@@ -9,7 +9,9 @@ upward dependency comes back:
   deployment, latency, students) import nothing of the layers built on them;
 - ``autocomp.compressors`` imports only itself and ``autocomp.errors``;
 - nothing imports ``autocomp.cli`` but the CLI itself;
-- ``import autocomp`` loads none of the heavy libraries.
+- ``import autocomp`` loads none of the heavy libraries;
+- a missing optional package is reported by ``autocomp._imports.optional`` alone (no module catches
+  ImportError itself).
 
 A module is named by its dotted path (``autocomp/store/__init__.py`` is ``autocomp.store``); ``from
 autocomp.x import y`` depends on the module ``autocomp.x.y`` when there is one, else on ``autocomp.x``.
@@ -181,3 +183,35 @@ def test_import_autocomp_is_light():
     version, heavy = (proc.stdout.splitlines() + ["", ""])[:2]
     assert version.strip()
     assert heavy.strip() == "", f"import autocomp loaded {heavy}"
+
+
+def _catches_import_error(path: Path) -> list[int]:
+    """Lines of ``except`` clauses in ``path`` that name ImportError or ModuleNotFoundError."""
+    names = {"ImportError", "ModuleNotFoundError"}
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ExceptHandler) and node.type is not None:
+            caught = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+            if any(isinstance(c, ast.Name) and c.id in names for c in caught):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_optional_imports_go_through_one_helper(tmp_path):
+    bad = [f"{name}:{line}" for name, path in modules().items() if name != "autocomp._imports"
+           for line in _catches_import_error(path)]
+    assert not bad, "catch ImportError only in autocomp._imports.optional: " + ", ".join(bad)
+    forged = tmp_path / "forged.py"
+    forged.write_text("try:\n    import ray\nexcept (ValueError, ImportError):\n    ray = None\n")
+    assert _catches_import_error(forged) == [3]
+
+
+def test_a_missing_optional_package_is_one_named_error(monkeypatch):
+    from autocomp._imports import optional
+    from autocomp.errors import DependencyError
+
+    monkeypatch.setitem(sys.modules, "plotly", None)   # import fails as if not installed
+    with pytest.raises(DependencyError) as err:
+        optional("plotly.graph_objects", "the HTML report", "pip install plotly")
+    assert str(err.value) == "the HTML report: package 'plotly' is not installed; pip install plotly"
+    assert optional("json", "x", "y").dumps({}) == "{}"

@@ -225,7 +225,7 @@ def test_a_non_finite_dense_score_stops_before_the_first_trial(tiny_models, tmp_
     from autocomp.errors import ModelLoadError
     from autocomp.study.evaluate import DenseMetrics
     from autocomp.study.local import run_local
-    from test_study import FlakyEvaluator, _spec  # noqa: F401
+    from test_study import _spec
 
     class NanDense:
         def __init__(self, spec):

@@ -331,10 +331,10 @@ def test_layer_plans_follow_the_teacher_blocks_a_student_keeps(tiny_models):
     teacher_params = evaluator.evaluate({})["params"]
     for importance in ("bi", "tail"):  # whichever block bi keeps, then the last one (tail)
         student = StudentSpec(layers=1, depth_importance=importance, distill=DistillSpec(steps=0))
-        state = evaluator.student(student)
+        built, state, _ = evaluator.applier.student(student)
         plan = evaluator.student_plan(teacher_plan, student)
-        kept = state.built.kept_layers[0]
-        assert set(plan) == {t.name for t in state.targets} and all(".layers.0." in n for n in plan)
+        kept = built.kept_layers[0]
+        assert set(plan) == {t.name for t in state.stats_targets} and all(".layers.0." in n for n in plan)
         assert {lp.bits for lp in plan.values()} == {4 if kept == 0 else 8}
         metrics = evaluator.evaluate(plan, student=student)
         assert metrics["student_layers"] == 1 and metrics["avg_bits"] == (4 if kept == 0 else 8)

@@ -47,7 +47,8 @@ def test_sqlite_storage_is_opened_in_wal_mode(tmp_path):
 def test_a_trial_whose_heartbeat_stops_is_failed_and_queued_again(tmp_path, monkeypatch):
     """A worker on another host (its pid means nothing here) stops beating: after the grace period the
     trial is failed with the reason and its configuration queued again, at most MAX_RETRIES times."""
-    from autocomp.study.recovery import MAX_RETRIES, Heartbeat, claim, grace_period, recover_dead_trials
+    from autocomp.store.urls import grace_period
+    from autocomp.study.recovery import MAX_RETRIES, Heartbeat, claim, recover_dead_trials
     from autocomp.store.urls import open_storage
 
     monkeypatch.setenv("AUTOCOMP_HEARTBEAT_S", "1")
@@ -72,6 +73,27 @@ def test_a_trial_whose_heartbeat_stops_is_failed_and_queued_again(tmp_path, monk
     assert trials[1].params == {"x": 1.0} or trials[1].system_attrs["fixed_params"] == {"x": 1.0}
     assert (trials[1].user_attrs["retry_of"], trials[1].user_attrs["retries"]) == (0, 1)
     assert MAX_RETRIES >= 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zombies are read from /proc")
+def test_a_killed_worker_not_yet_reaped_is_dead():
+    """A worker killed under a parent that has not waited for it yet is a zombie: ``kill(pid, 0)``
+    still succeeds, but its trial is dead now (not after the heartbeat grace period)."""
+    from autocomp.study.recovery import _pid_alive
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _pid_alive(proc.pid)
+        proc.kill()
+        deadline = time.monotonic() + 30
+        while _pid_alive(proc.pid) and time.monotonic() < deadline:   # a zombie once the kill lands
+            time.sleep(0.05)
+        assert not _pid_alive(proc.pid)
+        assert proc.poll() is not None   # only now reaped; dead either way
+        assert not _pid_alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_an_identical_configuration_is_not_evaluated_twice(tiny_models, tmp_path):

@@ -4,7 +4,6 @@ and stores the figures), ``report`` and ``dashboard``."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from autocomp.cli import options

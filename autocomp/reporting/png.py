@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from autocomp.errors import DependencyError
+from autocomp._imports import optional
 from autocomp.reporting.context import ReportData, wants_log_axis
 from autocomp.reporting.figures import BIT_TICKS, COLOR_FEASIBLE, COLOR_FRONT, COLOR_HELDOUT, COLOR_INFEASIBLE, \
     COLOR_RECOMMENDED, COLOR_UNIFORM, heldout_points
@@ -21,11 +21,9 @@ DPI = 130
 
 def _figure(width: float, height: float):
     """A matplotlib Figure on an Agg canvas; DependencyError when matplotlib is not installed."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise DependencyError("PNG figures need matplotlib: pip install 'autocomp[report]' (or pip install matplotlib)") from None
+    install = "pip install 'autocomp[report]' (or pip install matplotlib)"
+    FigureCanvasAgg = optional("matplotlib.backends.backend_agg", "PNG figures", install).FigureCanvasAgg
+    Figure = optional("matplotlib.figure", "PNG figures", install).Figure
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig

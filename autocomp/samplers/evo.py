@@ -124,7 +124,8 @@ class LevelSwitchSampler(optuna.samplers.BaseSampler):
 
     def _propose(self, study) -> dict[str, Any] | None:
         trials = study.get_trials(deepcopy=False)
-        seen = {tuple(sorted(t.params.items())) for t in trials}
+        # compared on the laddered groups only: a pinned group's one value is not part of a child
+        seen = {tuple(sorted(rungs.items())) for rungs in map(self._rungs, (t.params for t in trials)) if rungs is not None}
         points = []
         for t in trials:
             if t.state == optuna.trial.TrialState.COMPLETE and t.values is not None and self.feasible(t):
@@ -138,9 +139,8 @@ class LevelSwitchSampler(optuna.samplers.BaseSampler):
         for _ in range(self.max_redraws):
             parent = elite if self._rng.random() < self.elite_share else self._rng.choice(parents)
             child = self.mutate(parent)
-            params = self._params(child)
-            if tuple(sorted(params.items())) not in seen:
-                return params
+            if tuple(sorted(child.items())) not in seen:
+                return self._params(child)
         return None
 
     def mutate(self, parent: Mapping[str, int]) -> dict[str, int]:

@@ -6,7 +6,7 @@ that has the model loaded, and then runs :func:`autocomp.study.loop.trial_loop` 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from autocomp._version import __version__
 from autocomp.errors import AutocompError, BudgetError, ModelLoadError, StudyError

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from autocomp.errors import AutocompError, ClusterError, DependencyError, StudyError
+from autocomp._imports import optional
+from autocomp.errors import AutocompError, ClusterError, StudyError
 from autocomp.config.spec import StudySpec
 from autocomp.study.local import SearchOutcome, finished_already
 from autocomp.study.loop import LoopCounts, count_completed, progress_bar, say, trial_counts
@@ -60,11 +61,7 @@ class RayConfig:
 
 
 def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise DependencyError("the Ray backend needs Ray: pip install 'autocomp[cluster]'") from None
-    return ray
+    return optional("ray", "the Ray backend", "pip install 'autocomp[cluster]'")
 
 
 class RayTrialWorker:

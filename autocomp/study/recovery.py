@@ -20,20 +20,30 @@ import datetime
 import os
 import socket
 import threading
+from pathlib import Path
 
 from autocomp.store.schema import optuna_quiet
-from autocomp.store.urls import grace_period, heartbeat_interval  # noqa: F401  (re-exported for the backends)
+from autocomp.store.urls import grace_period
 
 MAX_RETRIES = 2
 UNCLAIMED_GRACE_S = 60
+
+
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs. A zombie (dead, not yet reaped by its parent:
+    a worker killed under a supervisor that has not waited for it) is dead: ``kill(pid, 0)`` alone
+    would call it alive until its heartbeat went stale."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state is the field after the parenthesised command name
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True   # no /proc (macOS) or it vanished meanwhile: trust kill()
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def claim(trial, worker: str, **extra) -> None:

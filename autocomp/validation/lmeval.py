@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocomp.errors import BudgetError, DependencyError, TaskError
+from autocomp._imports import optional
+from autocomp.errors import BudgetError, TaskError
 from autocomp.validation.tasks import builtin_task_names, prepare_builtin_task
 
 __all__ = ["TaskResult", "builtin_task_names", "prepare_builtin_task", "run_tasks", "check_tasks",
@@ -166,15 +167,9 @@ def _task_names(tasks: Sequence[str]) -> list[str]:
 
 
 def _require_lm_eval() -> None:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise DependencyError("lm-eval tasks need the lm-eval package: pip install 'autocomp[lmeval]'") from None
-    try:  # lm-eval's Hugging Face model wrapper needs its "hf" extra
-        import accelerate  # noqa: F401
-    except ImportError:
-        raise DependencyError("lm-eval's Hugging Face models need accelerate: pip install 'autocomp[lmeval]' "
-                              "(it installs lm-eval[hf])") from None
+    optional("lm_eval", "lm-eval tasks", "pip install 'autocomp[lmeval]'")
+    # lm-eval's Hugging Face model wrapper needs its "hf" extra
+    optional("accelerate", "lm-eval's Hugging Face models", "pip install 'autocomp[lmeval]' (it installs lm-eval[hf])")
 
 
 def _include_folder(path: str | Path) -> Path:
