@@ -132,3 +132,18 @@ def assert_recovered(trials, lost, n_trials: int, before: dict, workers: int = 1
     assert count(trials, RUNNING) == 0
     assert_evaluated_once(trials)
     return failed
+
+
+def just_started(trials, accept, min_complete: int = 2):
+    """A RUNNING trial for which ``accept(trial)`` holds that started moments ago, so that it surely
+    still runs when a kill lands, once ``min_complete`` trials finished; else None. "Moments" is a
+    third of the shortest finished trial (a fixed window is missed on a loaded machine, or too late)."""
+    done = [t for t in trials if t.state == COMPLETE and t.datetime_start and t.datetime_complete]
+    if len(done) < min_complete:
+        return None
+    window = max(min((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 3, 0.1)
+    for t in trials:
+        if t.state == RUNNING and t.datetime_start is not None and accept(t):
+            if time.time() - t.datetime_start.timestamp() < window:
+                return t
+    return None

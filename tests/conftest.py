@@ -35,6 +35,14 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    """The tiny Llama, loaded (``LoadedModel``), once per test module."""
+    from autocomp.inputs.models import load_model
+
+    return load_model(str(tiny_models["llama"]))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """The folder the autouse ``isolated_cache`` points AUTOCOMP_CACHE at (for CLI subprocesses)."""

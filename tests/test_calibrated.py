@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from tiny import state_copy
 import torch
 
 from autocomp.pipeline.variants import LayerVariantCache, variant_key
@@ -714,10 +715,6 @@ def test_staged_study_prunes_on_size_at_stage_0(tiny_models, tmp_path):
 # 5. sequential calibration
 # ---------------------------------------------------------------------------------------------
 
-def _state(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def test_sequential_calibration(tiny_models):
     from autocomp import api
     from autocomp.evaluators.quality import score_windows
@@ -749,8 +746,8 @@ def test_sequential_calibration(tiny_models):
             assert not torch.allclose(used[t.name].hessian, stats[t.name].hessian), t.name
             assert not torch.equal(got, dense_path[t.name]), t.name
     # untouched: embeddings, norms
-    dense_state = _state(dense.model)
-    seq_state = _state(seq.model)
+    dense_state = state_copy(dense.model)
+    seq_state = state_copy(seq.model)
     changed = {k for k in dense_state if not torch.equal(dense_state[k], seq_state[k])}
     assert changed == {f"{n}.weight" for n in plan}
     ppl_dense = score_windows(dense.model, eval_ids)[0].perplexity
@@ -762,7 +759,7 @@ def test_sequential_calibration(tiny_models):
     via_api = load_model(folder)
     per_layer = api.apply_plan(via_api, CompressionPlan(default=lp, calibration=cal)).per_layer
     assert {n: p for n, p in per_layer.items() if not p.is_dense} == plan
-    api_state = _state(via_api.model)
+    api_state = state_copy(via_api.model)
     assert all(torch.equal(api_state[k], seq_state[k]) for k in seq_state)
     # and the dense mode gives the dense-statistics path
     via_dense = load_model(folder)

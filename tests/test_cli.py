@@ -18,6 +18,7 @@ import optuna
 import pytest
 import torch
 from cli_helpers import SMALL, assert_ok, run_cli
+from cli_helpers import sqlite_url as storage_url
 
 TRIALS = 14          # the mixed space has 3 x 4 = 12 uniform baselines; 2 more come from NSGA-II
 PPL_BUDGET = 0.1     # percent: tight enough that some stored trials are infeasible on the tiny models
@@ -72,10 +73,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, strict: bool = True
         others = lines[:-1]
         assert all(ln.startswith("study ") or "Loading weights" in ln for ln in others), proc.stderr
     return errors[0]
-
-
-def storage_url(path: Path) -> str:
-    return f"sqlite:///{path}"
 
 
 def load_study(url: str, name: str = STUDY) -> optuna.Study:

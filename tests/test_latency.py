@@ -16,15 +16,10 @@ from autocomp.latency.timing import LatencyResult, Timing, measure_latency, resi
 from autocomp.latency.spec import LatencySpec
 from autocomp.inputs.models import load_model
 from autocomp.config.objectives import Budgets
-from autocomp.config.plan import LayerPlan
+from autocomp.config.plan import CompressionPlan, LayerPlan
 from autocomp.inputs.targets import find_targets
 
 FAST = LatencySpec(prompt_len=16, new_tokens=4, repeats=3, warmup=1, threads=1)
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_models):
-    return load_model(str(tiny_models["llama"]))
 
 
 # ---- the evaluator -------------------------------------------------------------------------------
@@ -58,21 +53,6 @@ def test_measure_latency_figures_are_positive_and_settings_recorded(llama):
     assert m["latency_ms"] == result.decode.median and m["prefill_ms"] == result.prefill.median
     assert result.metrics("prefill")["latency_ms"] == result.prefill.median
     assert json.loads(json.dumps(result.to_dict()))["settings"]["device"] == "cpu"
-
-
-def test_repeated_measurements_agree(llama):
-    """Stable: two measurements of the same model agree on the median (loosely: shared CI machines)."""
-    spec = LatencySpec(prompt_len=32, new_tokens=8, repeats=7, threads=1)
-    a, b = measure_latency(llama.model, spec), measure_latency(llama.model, spec)
-    for x, y in ((a.decode.median, b.decode.median), (a.prefill.median, b.prefill.median)):
-        assert max(x, y) / min(x, y) < 2.5, (x, y)
-
-
-def test_longer_prompts_take_longer_to_prefill(llama):
-    """The figures measure work, not noise: 8x the prompt costs clearly more than 1x."""
-    short = measure_latency(llama.model, LatencySpec(prompt_len=8, new_tokens=2, repeats=5, threads=1))
-    long = measure_latency(llama.model, LatencySpec(prompt_len=192, new_tokens=2, repeats=5, threads=1))
-    assert long.prefill.median > short.prefill.median
 
 
 def test_resident_bytes_counts_shared_storage_once(tiny_models):
@@ -315,7 +295,9 @@ def test_search_with_a_latency_budget_returns_only_configurations_that_meet_it(d
         m = t.user_attrs["metrics"]
         assert m["latency_ms"] > 0 and m["latency_predicted_ms"] > 0 and m["memory_mb"] > 0
         if m["latency_measured"]:
-            assert math.isfinite(m["latency_table_error_pct"]) and m["kernel_layers"] + m["no_kernel_layers"] >= 0
+            compressed = CompressionPlan.from_dict(t.user_attrs["plan"]).layers   # an explicit plan names only these
+            assert math.isfinite(m["latency_table_error_pct"])
+            assert m["kernel_layers"] + m["no_kernel_layers"] == len(compressed), (m, len(compressed))
     front = json.loads(run_cli(["pareto", "--storage", url, "--study-name", "lat", "--json"], tmp_path, cache_dir).stdout)
     assert front, "a 2-block student meets the budget"
     remeasured = study.user_attrs["autocomp_remeasured"]

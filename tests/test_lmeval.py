@@ -26,7 +26,7 @@ from autocomp.validation.tasks import wikitext_lastword  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
+def hf_llama(tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tiny_models["llama"]
@@ -118,8 +118,8 @@ def test_cut_last_word():
 
 # ------------------------------------------------------------------------------- through lm-eval itself
 
-def test_builtin_task_runs_through_lm_eval(llama):
-    model, tok = llama
+def test_builtin_task_runs_through_lm_eval(hf_llama):
+    model, tok = hf_llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     results = run_tasks(model, tok, ["wikitext_lastword"], limit=20, batch_size=4)
@@ -136,10 +136,10 @@ def test_builtin_task_runs_through_lm_eval(llama):
     assert TaskResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
 
-def test_reported_accuracy_equals_a_hand_computation(llama, tmp_path):
+def test_reported_accuracy_equals_a_hand_computation(hf_llama, tmp_path):
     """Targets are chosen so that about half are the model's greedy continuation: an accuracy that lm-eval
     (or our metric picking) computed wrongly cannot match the hand figure by chance."""
-    model, tok = llama
+    model, tok = hf_llama
     specials = set(tok.all_special_ids)
     docs, hits = [], 0
     for doc in _docs(prepare_builtin_task("wikitext_lastword")):
@@ -169,8 +169,8 @@ def test_reported_accuracy_equals_a_hand_computation(llama, tmp_path):
     assert r.extra["perplexity"] == pytest.approx(hand_ppl, rel=1e-3)
 
 
-def test_user_local_task_and_builtin_together(llama, tmp_path):
-    model, tok = llama
+def test_user_local_task_and_builtin_together(hf_llama, tmp_path):
+    model, tok = hf_llama
     docs = [{"context": f"The number after {i} is", "target": f" {i + 1}"} for i in range(7)]
     folder = _write_task(tmp_path / "mine", "my_counting", docs)
     results = run_tasks(model, tok, ["my_counting", "wikitext_lastword"], include_paths=[str(folder)], limit=5)
@@ -179,8 +179,8 @@ def test_user_local_task_and_builtin_together(llama, tmp_path):
     assert run_tasks(model, tok, ["my_counting"], include_paths=[folder])["my_counting"].n == 7
 
 
-def test_local_group_reports_its_tasks_and_itself(llama, tmp_path):
-    model, tok = llama
+def test_local_group_reports_its_tasks_and_itself(hf_llama, tmp_path):
+    model, tok = hf_llama
     folder = tmp_path / "grouped"
     _write_task(folder, "part_a", [{"context": f"x {i} y", "target": " z"} for i in range(3)])
     _write_task(folder, "part_b", [{"context": f"q {i} r", "target": " s"} for i in range(5)])
@@ -214,14 +214,14 @@ def test_head_untied_by_compression_stays_untied(tiny_models):
 
 # ---------------------------------------------------------------------------------------------- errors
 
-def test_unknown_task_is_a_task_error(llama):
-    model, tok = llama
+def test_unknown_task_is_a_task_error(hf_llama):
+    model, tok = hf_llama
     with pytest.raises(TaskError, match=r"unknown task 'no_such_task_xyz'.*wikitext_lastword.*--task-path"):
         run_tasks(model, tok, ["no_such_task_xyz"])
 
 
-def test_bad_arguments_are_task_errors(llama, tmp_path):
-    model, tok = llama
+def test_bad_arguments_are_task_errors(hf_llama, tmp_path):
+    model, tok = hf_llama
     with pytest.raises(TaskError, match="does not exist"):
         run_tasks(model, tok, ["wikitext_lastword"], include_paths=[tmp_path / "missing"])
     (tmp_path / "task.yaml").write_text("task: x\n")
@@ -233,36 +233,36 @@ def test_bad_arguments_are_task_errors(llama, tmp_path):
         run_tasks(model, tok, [])
 
 
-def test_missing_lm_eval_is_a_dependency_error(llama, monkeypatch):
+def test_missing_lm_eval_is_a_dependency_error(hf_llama, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)          # import lm_eval now raises ImportError
     with pytest.raises(DependencyError, match=r"pip install 'autocomp\[lmeval\]'"):
-        run_tasks(*llama, ["wikitext_lastword"])
+        run_tasks(*hf_llama, ["wikitext_lastword"])
     with pytest.raises(DependencyError):
         check_tasks(["wikitext_lastword"])
     monkeypatch.delitem(sys.modules, "lm_eval")
     monkeypatch.setitem(sys.modules, "accelerate", None)       # lm-eval without its "hf" extra
     with pytest.raises(DependencyError, match="accelerate"):
-        run_tasks(*llama, ["wikitext_lastword"])
+        run_tasks(*hf_llama, ["wikitext_lastword"])
 
 
-def test_broken_local_data_is_a_task_error(llama, tmp_path):
-    model, tok = llama
+def test_broken_local_data_is_a_task_error(hf_llama, tmp_path):
+    model, tok = hf_llama
     folder = _write_task(tmp_path / "broken", "broken_task", [{"context": "a", "target": " b"}])
     (folder / "broken_task.jsonl").unlink()
     with pytest.raises(TaskError, match="could not be loaded"):
         run_tasks(model, tok, ["broken_task"], include_paths=[folder])
 
 
-def test_hub_task_offline_is_a_task_error(llama, monkeypatch):
+def test_hub_task_offline_is_a_task_error(hf_llama, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     import datasets
 
     if not datasets.config.HF_HUB_OFFLINE:
         pytest.skip("datasets was imported before offline mode was set")
-    model, tok = llama
+    model, tok = hf_llama
     with pytest.raises(TaskError, match=r"lambada_openai.*needs network.*--task-path"):
         run_tasks(model, tok, ["lambada_openai"])
 

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+from tiny import cycle_plan
 import torch
 
 from autocomp.pipeline.calibration import LayerStats, collect_input_stats
@@ -324,14 +325,12 @@ MENU = [
 ]
 
 
+OUTSIDE = {"embed": LayerPlan(method="rtn", bits=6, group_size=32, symmetric=True),
+           "lm_head": LayerPlan(method="magnitude+rtn", pattern="2:4", bits=4, group_size=64)}
+
+
 def _mixed_plan(targets) -> dict[str, LayerPlan]:
-    plan = {t.name: MENU[i % len(MENU)] for i, t in enumerate(t for t in targets if t.in_blocks)}
-    for t in targets:
-        if t.role == "embed":
-            plan[t.name] = LayerPlan(method="rtn", bits=6, group_size=32, symmetric=True)
-        elif t.role == "lm_head":
-            plan[t.name] = LayerPlan(method="magnitude+rtn", pattern="2:4", bits=4, group_size=64)
-    return plan
+    return cycle_plan(targets, MENU, lambda t: OUTSIDE.get(t.role))
 
 
 def _compress(model, targets, plan, stats) -> dict[str, CompressedWeight]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import state_copy
 import torch
 
 from autocomp.pipeline.calibration import collect_input_stats, stats_digest
@@ -242,10 +243,6 @@ def _fresh(folder):
     return lm.model, targets, stitcher
 
 
-def _state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
@@ -277,16 +274,16 @@ def _plans(targets):
 def test_plan_rebuilds_bit_identical_and_stitches_exactly(tiny_models, arch):
     folder = tiny_models[arch]
     model1, targets, s1 = _fresh(folder)
-    dense = _state(model1)
+    dense = state_copy(model1)
     res_a, res_b = _plans(targets)
 
     # the same plan on two fresh copies gives identical weights
     n_a = s1.apply(res_a)
     assert n_a == sum(1 for lp in res_a.values() if lp != DENSE)
-    state_a = _state(model1)
+    state_a = state_copy(model1)
     model2, _, s2 = _fresh(folder)
     s2.apply(res_a)
-    _assert_same(state_a, _state(model2))
+    _assert_same(state_a, state_copy(model2))
     # and the plan really changed the weights (every non-dense target), nothing else
     changed = {k for k in dense if not torch.equal(dense[k], state_a[k])}
     assert changed
@@ -297,20 +294,20 @@ def test_plan_rebuilds_bit_identical_and_stitches_exactly(tiny_models, arch):
     s1.apply(res_b)
     model3, _, s3 = _fresh(folder)
     s3.apply(res_b)
-    state_b = _state(model3)
-    _assert_same(_state(model1), state_b)
+    state_b = state_copy(model3)
+    _assert_same(state_copy(model1), state_b)
     assert any(not torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert s1.current == {**{n: DENSE for n in s1.current}, **res_b}
 
     # back to dense, per layer (blocks[0] is dense in B) and entirely
     first = block_targets(targets)[0].name
     w_key = first + ".weight"
-    assert torch.equal(_state(model1)[w_key], dense[w_key])
+    assert torch.equal(state_copy(model1)[w_key], dense[w_key])
     assert not torch.equal(state_a[w_key], dense[w_key])
     s1.apply({})
-    _assert_same(_state(model1), dense)
+    _assert_same(state_copy(model1), dense)
     s1.apply(res_a)  # and back to A again, from cached variants
-    _assert_same(_state(model1), state_a)
+    _assert_same(state_copy(model1), state_a)
     assert s1.cache.hits > 0
 
 

@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from autocomp.evaluators.quality import score_windows
-from autocomp.inputs.models import load_model
 from autocomp.config.plan import LayerPlan
 from autocomp.pipeline.stitch import ModelStitcher
 from autocomp.inputs.targets import find_targets
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_models):
-    return load_model(str(tiny_models["llama"]))
 
 
 def _windows(vocab: int, n: int = 3, seq: int = 48) -> torch.Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from cluster import free_port
 
 from autocomp.errors import DependencyError, ReportError, StorageError, TrialNotFoundError
 from autocomp.front import pareto_front, recommend
@@ -432,12 +433,6 @@ def test_dashboard_on_a_taken_port_is_a_named_error(storage):
         taken.listen()
         with pytest.raises(ReportError, match="choose another --port"):
             run_dashboard(storage, port=taken.getsockname()[1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dashboard_serves_the_studies(storage, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from tiny import cycle_plan
 import torch
 
 from autocomp.pipeline.calibration import LayerStats
@@ -241,21 +242,19 @@ def test_dense_model_size(models, arch):
     assert len([t for t in targets if not t.in_blocks]) == (1 if tied else 2)
 
 
+SIZE_MENU = [
+    LayerPlan(method="rtn", bits=4, group_size=128),
+    LayerPlan(method="magnitude", sparsity=0.37),
+    LayerPlan(method="wanda+rtn", sparsity=0.5, bits=3, group_size=32, symmetric=True),
+    LayerPlan(),
+    LayerPlan(method="magnitude+rtn", pattern="2:4", bits=8, group_size=-1),
+    LayerPlan(method="wanda", pattern="4:8"),
+    LayerPlan(method="rtn", bits=6, group_size=64, symmetric=True),
+]
+
+
 def _mixed_plan(targets) -> dict[str, LayerPlan]:
-    menu = [
-        LayerPlan(method="rtn", bits=4, group_size=128),
-        LayerPlan(method="magnitude", sparsity=0.37),
-        LayerPlan(method="wanda+rtn", sparsity=0.5, bits=3, group_size=32, symmetric=True),
-        LayerPlan(),
-        LayerPlan(method="magnitude+rtn", pattern="2:4", bits=8, group_size=-1),
-        LayerPlan(method="wanda", pattern="4:8"),
-        LayerPlan(method="rtn", bits=6, group_size=64, symmetric=True),
-    ]
-    plan = {t.name: menu[i % len(menu)] for i, t in enumerate(t for t in targets if t.in_blocks)}
-    for t in targets:
-        if not t.in_blocks:
-            plan[t.name] = LayerPlan(method="rtn", bits=8, group_size=32)
-    return plan
+    return cycle_plan(targets, SIZE_MENU, lambda t: LayerPlan(method="rtn", bits=8, group_size=32))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -10,7 +10,7 @@ import optuna
 import pytest
 import torch
 from cli_helpers import SMALL, assert_ok, run_cli
-from tiny import ARCHS
+from tiny import ARCHS, state_copy
 
 from autocomp.inputs.data import WindowSpec, text_windows
 from autocomp.errors import PlanError, SpaceError
@@ -29,10 +29,6 @@ SMALL_DISTILL = dict(batch=4, seq_len=64, windows=16, lr=1e-3)
 
 def _windows(tok, split: str, count: int, random: bool) -> torch.Tensor:
     return text_windows(tok, "wikitext2", split, WindowSpec(count, 64, 0), random=random).input_ids
-
-
-def _state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # ---- distillation --------------------------------------------------------------------------------
@@ -83,13 +79,13 @@ def test_resumed_distillation_reproduces_the_uninterrupted_student(tiny_models, 
                    progress=False)
     assert rest.resumed_from == 3 and len(rest.losses) == 8
     assert not (tmp_path / "distill-checkpoint.pt").exists()
-    a, b = _state(straight.model), _state(fresh.model)
+    a, b = state_copy(straight.model), state_copy(fresh.model)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must end with the same weights"
     other = prune_student(loaded.model, shape, train[:8])
     distill(other.model, loaded.model, train, DistillSpec(steps=8, **SMALL_DISTILL, seed=4),
             layer_map=other.kept_layers, progress=False)
-    assert any(not torch.equal(a[k], v) for k, v in _state(other.model).items()), "the seed must matter"
+    assert any(not torch.equal(a[k], v) for k, v in state_copy(other.model).items()), "the seed must matter"
 
 
 def test_topk_kl_equals_full_kl_when_k_is_the_vocabulary():
@@ -145,7 +141,7 @@ def test_built_students_are_cached_and_rebuilt_identically(tiny_models, tmp_path
     assert again.from_cache and again.kept_layers == first.kept_layers
     assert again.seconds_distill == first.seconds_distill            # what building it cost, kept
     uncached = build_student(loaded, spec, cache_dir=tmp_path, progress=False, use_cache=False)
-    a, b, c = _state(first.model), _state(again.model), _state(uncached.model)
+    a, b, c = state_copy(first.model), state_copy(again.model), state_copy(uncached.model)
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     other = build_student(loaded, StudentSpec(layers=1, ffn=64, distill=DistillSpec(steps=5, **SMALL_DISTILL)),
                           cache_dir=tmp_path, progress=False)
@@ -202,11 +198,6 @@ def test_student_sizes_a_teacher_cannot_take_fail_before_any_trial(tiny_models):
     spec = StudySpec(model=str(tiny_models["gpt2"]), space=space, eval_windows=WindowSpec(2, 64))
     with pytest.raises(SpaceError, match="head_dim"):
         TrialEvaluator(spec)
-
-
-def test_a_student_space_keeps_older_study_hashes():
-    plain = SearchSpace.from_dict({"name": "x"}, "x")
-    assert "student" not in plain.to_dict()
 
 
 # ---- cost-aware sampling -------------------------------------------------------------------------

@@ -4,168 +4,16 @@ against the command line, on tiny random models with the storage under a tempora
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import time
-from pathlib import Path
 
 import optuna
 import pytest
-from cli_helpers import SMALL, assert_ok, cli_command, cli_env, run_cli
+from cli_helpers import COMPLETE, FAIL, WAITING, assert_ok, count, open_storage, run_cli, search_args, trials_of
+from cli_helpers import sqlite_url as storage_url
 
-COMPLETE = optuna.trial.TrialState.COMPLETE
-RUNNING = optuna.trial.TrialState.RUNNING
-FAIL = optuna.trial.TrialState.FAIL
-WAITING = optuna.trial.TrialState.WAITING
 KILL_TIMEOUT_S = 120
 
 
-# ---- helpers --------------------------------------------------------------------------------------
-
-
-def storage_url(path: Path) -> str:
-    return f"sqlite:///{path}"
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    # a reader sharing the SQLite file with a writing search waits for its locks
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-
-
-def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=True)
-
-
-def count(trials, state) -> int:
-    return sum(1 for t in trials if t.state == state)
-
-
-def search_args(model, url: str, name: str, trials: int, *extra) -> list:
-    return ["search", "--model", model, "--space", "bits", "--trials", trials, *SMALL,
-            "--storage", url, "--study-name", name, *extra]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    # the same folder the autouse fixture of conftest.py points AUTOCOMP_CACHE at
-    return tmp_path_factory.getbasetemp() / "autocomp-cache"
-
-
-# ---- (a) resume ----------------------------------------------------------------------------------
-
-def test_resume_runs_only_the_missing_trials(tiny_models, tmp_path, cache_dir):
-    model = tmp_path / "model"
-    shutil.copytree(tiny_models["llama"], model)
-    url = storage_url(tmp_path / "study.db")
-
-    first = run_cli(search_args(model, url, "resume", 6), tmp_path, cache_dir)
-    assert_ok(first)
-    trials = trials_of(url, "resume")
-    assert [t.state for t in trials] == [COMPLETE] * 6
-    before = {t.number: (t.values, t.params, t.datetime_complete) for t in trials}
-
-    more = run_cli(search_args(model, url, "resume", 10), tmp_path, cache_dir)
-    assert_ok(more)
-    assert "10 completed trials (4 run now" in more.stderr, more.stderr
-    trials = trials_of(url, "resume")
-    assert [t.state for t in trials] == [COMPLETE] * 10
-    assert {t.number: (t.values, t.params, t.datetime_complete) for t in trials if t.number < 6} == before
-    assert all(t.datetime_start >= max(d for _, _, d in before.values()) for t in trials if t.number >= 6)
-    after = [(t.number, t.state, t.values, t.params) for t in trials]
-
-    # a finished study: nothing runs and the model is not even loaded (its weights are gone now)
-    weights = list(model.glob("*.safetensors"))
-    assert weights
-    for f in weights:
-        f.unlink()
-    for n in (10,):
-        again = run_cli(search_args(model, url, "resume", n), tmp_path, cache_dir)
-        assert_ok(again)
-        out = again.stdout + again.stderr
-        assert "nothing to run" in out, out
-        assert "already has 10 completed trials" in out, out
-        assert "Loading weights" not in out
-        assert [(t.number, t.state, t.values, t.params) for t in trials_of(url, "resume")] == after
-
-
-# ---- (b) a worker killed mid-trial ---------------------------------------------------------------
-
-def test_sigkill_mid_trial_then_resume(tiny_models, tmp_path, cache_dir):
-    n_trials = 6
-    url = storage_url(tmp_path / "study.db")
-    args = ["search", "--model", tiny_models["llama"], "--space", "bits", "--trials", n_trials,
-            "--eval-windows", "16", "--eval-seq-len", "128", "--calib-windows", "4", "--calib-seq-len", "64",
-            "--no-progress", "--storage", url, "--study-name", "kill"]
-    storage = open_storage(url)   # create the schema now, so the poller never races the worker on it
-    log = tmp_path / "first-run.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cli_command() + [str(a) for a in args], cwd=tmp_path, env=cli_env(cache_dir),
-                                stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        study = None
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the search ended (exit {proc.returncode}) before it was seen mid-trial:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no state with 2 completed trials and 1 running within {KILL_TIMEOUT_S} s:\n{log.read_text()}")
-            if study is None:
-                try:
-                    study = optuna.load_study(study_name="kill", storage=storage)
-                except KeyError:
-                    study = None
-            if study is not None:
-                trials = study.get_trials(deepcopy=False)
-                running = [t for t in trials if t.state == RUNNING and t.user_attrs.get("pid") == proc.pid]
-                if count(trials, COMPLETE) >= 2 and running:
-                    proc.kill()   # SIGKILL: no handler runs, the trial stays RUNNING in the storage
-                    break
-            time.sleep(0.05)
-        proc.wait(timeout=60)     # reap it, so that its pid is really gone
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=60)
-    assert proc.returncode == -9
-
-    at_kill = trials_of(url, "kill")
-    done_before = {t.number: t.values for t in at_kill if t.state == COMPLETE}
-    killed = [t for t in at_kill if t.state == RUNNING]
-    assert len(done_before) >= 2
-    assert len(killed) == 1, [(t.number, t.state, t.user_attrs) for t in at_kill]
-    killed = killed[0]
-    assert killed.user_attrs["pid"] == proc.pid
-    assert len(done_before) < n_trials
-
-    again = run_cli(args, tmp_path, cache_dir)
-    assert_ok(again)
-
-    final = {t.number: t for t in trials_of(url, "kill")}
-    for number, values in done_before.items():
-        assert final[number].state == COMPLETE and final[number].values == values, number
-    dead = final[killed.number]
-    assert dead.state == FAIL
-    reason = dead.user_attrs["fail_reason"]
-    assert "died" in reason and str(proc.pid) in reason, reason
-    retries = [t for t in final.values() if t.user_attrs.get("retry_of") == killed.number]
-    assert len(retries) == 1, [(t.number, t.user_attrs) for t in final.values()]
-    retry = retries[0]
-    assert retry.number > killed.number
-    # the retry repeats the killed trial's configuration: its queued (fixed) params when it was a
-    # baseline, else every param it had drawn (all of them unless it was killed while drawing them)
-    expected = {**killed.params, **killed.system_attrs.get("fixed_params", {})}
-    assert expected.items() <= retry.params.items()
-    if len(killed.params) == len(retry.params):
-        assert retry.params == expected
-    assert retry.state == COMPLETE
-    assert retry.user_attrs["retries"] == 1
-    assert count(final.values(), COMPLETE) == n_trials
-    assert count(final.values(), FAIL) == 1
-    assert count(final.values(), RUNNING) == 0
-    assert len(final) == n_trials + 1
-
-
-# ---- (c) a trial that raises ---------------------------------------------------------------------
+# ---- a trial that raises ---------------------------------------------------------------------
 
 def _spec(model, budgets=None, sampler="nsga2"):
     from autocomp.inputs.data import WindowSpec
@@ -245,7 +93,7 @@ def test_consecutive_failures_stop_the_study_and_keep_it(tiny_models, tmp_path):
     assert count(trials, COMPLETE) == 3 and count(trials, FAIL) == MAX_CONSECUTIVE_FAILURES
 
 
-# ---- (d) TPE and (e) the Python API against the CLI ----------------------------------------------
+# ---- TPE and the Python API against the CLI ----------------------------------------------
 
 @pytest.fixture(scope="module")
 def tpe_study(tiny_models, tmp_path_factory, cache_dir):

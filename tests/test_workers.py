@@ -4,7 +4,6 @@ versions are in test_distributed.py."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 import sys
@@ -12,17 +11,12 @@ import time
 
 import optuna
 import pytest
-from cli_helpers import SMALL, assert_ok, cli_command, cli_env, run_cli
+from cli_helpers import SMALL, run_cli
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 RUNNING = optuna.trial.TrialState.RUNNING
 FAIL = optuna.trial.TrialState.FAIL
 WAITING = optuna.trial.TrialState.WAITING
-
-
-@pytest.fixture
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "autocomp-cache"
 
 
 def _spec(model, **extra):
@@ -118,30 +112,6 @@ def test_an_identical_configuration_is_not_evaluated_twice(tiny_models, tmp_path
     assert twin.user_attrs["metrics"]["seconds"] == 0.0
     assert {k: v for k, v in twin.user_attrs["metrics"].items() if k != "seconds"} == \
         {k: v for k, v in trials[1].user_attrs["metrics"].items() if k != "seconds"}
-
-
-def test_two_worker_processes_share_a_sqlite_study(tiny_models, tmp_path, cache_dir):
-    """autocomp search --prepare-only, then two autocomp worker processes: every trial once."""
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    model = tiny_models["llama"]
-    slower = ["--eval-windows", "12", "--eval-seq-len", "128", "--calib-windows", "4", "--calib-seq-len", "64",
-              "--no-progress"]
-    prep = run_cli(["search", "--model", model, "--space", "bits", "--trials", 10, *slower, "--storage", url,
-                    "--study-name", "shared", "--prepare-only"], tmp_path, cache_dir)
-    assert_ok(prep)
-    assert "autocomp worker --storage" in prep.stdout
-    procs = [subprocess.Popen(cli_command() + ["worker", "--storage", url, "--study-name", "shared", "--no-progress"],
-                              cwd=tmp_path, env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err
-    trials = optuna.load_study(study_name="shared", storage=url).get_trials()
-    finished = sum(t.state == COMPLETE for t in trials)
-    assert 10 <= finished <= 11 and len(trials) == finished   # see test_distributed._complete
-    evaluated = [json.dumps(t.params, sort_keys=True) for t in trials if "reused_from" not in t.user_attrs]
-    assert len(evaluated) == len(set(evaluated))
-    assert len({t.user_attrs["worker"] for t in trials}) == 2, [t.user_attrs["worker"] for t in trials]
 
 
 def test_worker_errors_are_clear_and_create_nothing(tmp_path, cache_dir):

@@ -70,6 +70,21 @@ def build_tiny_model(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 
     return out_dir
 
 
+def state_copy(model) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s state dict (to compare before and after)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def cycle_plan(targets, menu, outside) -> dict:
+    """A per-layer plan: the decoder-block targets take ``menu``'s plans in turn, the others
+    (embedding, LM head) ``outside(target)`` (left out where that is None)."""
+    plan = {t.name: menu[i % len(menu)] for i, t in enumerate(t for t in targets if t.in_blocks)}
+    for t in targets:
+        if not t.in_blocks and outside(t) is not None:
+            plan[t.name] = outside(t)
+    return plan
+
+
 def copy_with_nan_weight(src: Path, dst: Path, part: str = "down_proj") -> str:
     """Copy the model folder ``src`` to ``dst`` with one NaN in the first weight whose name holds
     ``part``; returns that weight's name."""
