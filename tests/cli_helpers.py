@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -33,6 +34,12 @@ def cli_env(cache: Path) -> dict[str, str]:
 
 
 def cli_command() -> list[str]:
+    """The command line that runs ``autocomp``: the venv's console script; ``AUTOCOMP_TEST_CLI`` (a
+    shell-quoted command) runs the CLI tests against another build, e.g. an older checkout:
+    ``AUTOCOMP_TEST_CLI="env PYTHONPATH=/tmp/old .venv/bin/python -m autocomp.cli"``."""
+    override = os.environ.get("AUTOCOMP_TEST_CLI")
+    if override:
+        return shlex.split(override)
     script = Path(sys.executable).parent / "autocomp"
     return [str(script)] if script.exists() else [sys.executable, "-m", "autocomp.cli"]
 
