@@ -148,7 +148,7 @@ def just_started(trials, accept, min_complete: int = 2):
     done = [t for t in trials if t.state == COMPLETE and t.datetime_start and t.datetime_complete]
     if len(done) < min_complete:
         return None
-    window = max(min((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 3, 0.1)
+    window = max(min((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 3, 0.3)
     for t in trials:
         if t.state == RUNNING and t.datetime_start is not None and accept(t):
             if time.time() - t.datetime_start.timestamp() < window:
