@@ -23,6 +23,7 @@ from autocomp.store.records import StudyRecords, TrialRecord, find_trial, load_r
 from autocomp.front import recommend as _recommend
 from autocomp.config.plan import CompressionPlan
 from autocomp.config.spec import StudySpec
+from autocomp.exporters.registry import DEFAULT_FORMAT
 from autocomp.study.local import SearchOutcome, run_local
 from autocomp.store.urls import check_study_name, default_storage_url, safe_study_name, validate_url
 
@@ -335,8 +336,8 @@ def apply_plan(loaded, plan: CompressionPlan, cache_dir: str | Path | None = "no
 
 
 def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_code: bool = False,
-             provenance: dict[str, Any] | None = None, format: str = "packed", dtype: str = "float16",
-             cache_dir: str | Path | None = None) -> Path:
+             provenance: dict[str, Any] | None = None, format: str = DEFAULT_FORMAT, dtype: str = "float16",
+             cache_dir: str | Path | None = None, target: str | None = None) -> Path:
     """Apply ``plan`` to ``model`` and save the compressed model in ``out`` with ``plan.json`` and
     ``autocomp.json`` (what was written, the accounted size, the provenance).
 
@@ -354,7 +355,11 @@ def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_co
 
     fmt = get_format(format)
     if dtype not in fmt.dtypes:
-        raise PlanError(f"storage dtype {dtype!r} is not one of {', '.join(fmt.dtypes)} (sizes are accounted at 16 bits)")
+        raise PlanError(f"storage dtype {dtype!r} is not one of {', '.join(fmt.dtypes)} for --format {format}")
+    if target is not None and target not in fmt.targets:
+        raise PlanError(f"--target {target} is not checked by --format {format}; "
+                        + (f"it checks {', '.join(fmt.targets)}" if fmt.targets else "it has no targets"))
+    options = ExportOptions(dtype=dtype, target=target)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PlanError(f"--out {out} is a file; choose a new folder")
@@ -364,13 +369,13 @@ def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_co
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     dense_bytes = model_size(loaded.model, find_targets(loaded.model), {}).total_bytes
     applied = apply_plan(loaded, plan, cache_dir=directory if directory is not None else "none")
-    fmt.check(applied)
+    fmt.check(applied, options)
     size = model_size(applied.model, applied.targets, applied.per_layer)
     size = replace(size, dense_bytes=dense_bytes)  # the ratio is to the original model (not a dense student)
     info: dict[str, Any] = {"model": model, "format": format}
 
     def write(folder: Path) -> None:
-        info.update(fmt.write(folder, applied, loaded, ExportOptions(dtype=dtype)))
+        info.update(fmt.write(folder, applied, loaded, options))
         loaded.tokenizer.save_pretrained(folder)
         plan.save(folder / "plan.json")
         info.update({"accounted_size_bytes": size.total_bytes, "accounted_size_mb": size.size_mb,
@@ -434,8 +439,9 @@ def load_deployed(folder: str | Path, device: str = "cpu", dtype: str = "float32
     return model.eval(), report
 
 
-def export(storage: str, study_name: str, trial: int, out: str | Path, format: str = "packed",
-           dtype: str = "float16", cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> Path:
+def export(storage: str, study_name: str, trial: int, out: str | Path, format: str = DEFAULT_FORMAT,
+           dtype: str = "float16", cache_dir: str | Path | None = None, trust_remote_code: bool = False,
+           target: str | None = None) -> Path:
     """Rebuild trial ``trial`` of the study from its stored plan and save it like :func:`compress`.
     ``trust_remote_code`` must be given for a study whose model runs its own code: the stored spec
     alone never makes this process run it."""
@@ -447,4 +453,4 @@ def export(storage: str, study_name: str, trial: int, out: str | Path, format: s
     plan = CompressionPlan.from_dict(record.plan, where=f"trial {trial} plan")
     return compress(records.spec.model, plan, out, trust_remote_code=records.spec.trust_remote_code and trust_remote_code,
                     provenance={"study_name": study_name, "trial": trial, "metrics": record.metrics},
-                    format=format, dtype=dtype, cache_dir=cache_dir)
+                    format=format, dtype=dtype, cache_dir=cache_dir, target=target)

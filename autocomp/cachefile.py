@@ -86,3 +86,11 @@ def cached_tensors(path: Path, compute, what: str) -> dict[str, torch.Tensor]:
     tensors = compute()
     save_tensors(path, tensors)
     return tensors
+
+
+def public_file(path: str | Path) -> None:
+    """Give a written file the usual permissions, ``0666`` less the umask (``mkstemp`` and some
+    writers make files private; an export is an ordinary file)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -38,7 +38,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
     plan = CompressionPlan.load(args.plan)
     out = api.compress(args.model, plan, args.out, trust_remote_code=args.trust_remote_code, format=args.format,
-                       dtype=args.dtype, cache_dir=args.variant_cache)
+                       dtype=args.dtype, cache_dir=args.variant_cache, target=args.target)
     print_saved(out)
     return 0
 
@@ -47,7 +47,7 @@ def run_export(args: argparse.Namespace) -> int:
     from autocomp import api
 
     out = api.export(args.storage, args.study_name, args.trial, args.out, format=args.format, dtype=args.dtype,
-                     cache_dir=args.variant_cache, trust_remote_code=args.trust_remote_code)
+                     cache_dir=args.variant_cache, trust_remote_code=args.trust_remote_code, target=args.target)
     print_saved(out)
     return 0
 

@@ -39,17 +39,25 @@ def budgets(args: argparse.Namespace, default: Any = None):
 
 
 def add_export_format(p: argparse.ArgumentParser) -> None:
-    """``--format`` (a registered export format), ``--dtype`` and ``--variant-cache`` of export/compress."""
-    from autocomp.exporters import available_formats, get_format
+    """``--format`` (a registered export format), ``--target``, ``--dtype`` and ``--variant-cache`` of
+    export/compress."""
+    from autocomp.exporters import DEFAULT_FORMAT, available_formats, get_format
 
     formats = available_formats()
-    p.add_argument("--format", default="packed", choices=formats,
-                   help="; ".join(f"{name}: {get_format(name).description}" for name in formats) + " (default packed)")
+    p.add_argument("--format", default=DEFAULT_FORMAT, choices=formats,
+                   help="; ".join(f"{name}: {get_format(name).description}" for name in formats)
+                   + f" (default {DEFAULT_FORMAT})")
+    targets = sorted({t for name in formats for t in get_format(name).targets})
+    p.add_argument("--target", default=None, choices=targets,
+                   help="refuse, before writing, what this serving engine cannot load (with the format that checks it: "
+                        + "; ".join(f"{name}: {', '.join(get_format(name).targets)}" for name in formats
+                                    if get_format(name).targets) + ")")
     p.add_argument("--variant-cache", default=None, metavar="DIR",
                    help="folder of calibrated layer variants to read and fill (default: the one searches use, so an "
                         "export after a search reuses its variants; 'none': memory only)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
-                   help="storage dtype of the packed format's 16-bit tensors (default float16)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the tensors kept in floating point (default float16; float32 only where "
+                        "the format allows it)")
 
 
 def add_latency(p: argparse.ArgumentParser) -> None:

@@ -48,6 +48,7 @@ from autocomp.deploy.pack import (
     tensors_nbytes,
     unpack_layer,
 )
+from autocomp.cachefile import public_file
 from autocomp.errors import PlanError
 from autocomp.config.plan import DENSE, LayerPlan
 from autocomp.inputs.targets import Target, find_targets, get_module, read_weight, write_weight
@@ -165,9 +166,7 @@ def save_packed(out_dir: str | Path, model: nn.Module, targets: list[Target],
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an export is an ordinary file
+        public_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -3,7 +3,7 @@
 Each format is an :class:`ExportFormat` registered by name with :func:`register_format`; ``autocomp
 export`` / ``compress`` look it up with :func:`get_format`. A format
 
-* ``check(applied)`` refuses, before anything is written, a configuration it cannot hold
+* ``check(applied, options)`` refuses, before anything is written, a configuration it cannot hold
   (PlanError naming the layers and what to change);
 * ``write(folder, applied, loaded, options)`` writes the model into an empty ``folder`` and returns
   what it wrote (bytes on disk, notes) for ``autocomp.json``;
@@ -14,7 +14,8 @@ The built-in formats are imported explicitly below (no package walking); importi
 the package imports the package first, so the registry always holds them.
 """
 
-from autocomp.exporters import hf_float, packed  # noqa: F401  (registers the built-in formats)
-from autocomp.exporters.registry import ExportFormat, ExportOptions, available_formats, get_format, register_format
+from autocomp.exporters import compressed_tensors, hf_float, packed  # noqa: F401  (registers the built-in formats)
+from autocomp.exporters.registry import (DEFAULT_FORMAT, ExportFormat, ExportOptions, available_formats, get_format,
+                                         register_format)
 
-__all__ = ["ExportFormat", "ExportOptions", "available_formats", "get_format", "register_format"]
+__all__ = ["DEFAULT_FORMAT", "ExportFormat", "ExportOptions", "available_formats", "get_format", "register_format"]

@@ -18,6 +18,7 @@ class ExportOptions:
     """Options every format receives; a format reads those that apply to it."""
 
     dtype: str = "float16"          # storage dtype of the tensors kept in 16-bit floats
+    target: str | None = None       # the engine the export must be servable by (one of the format's targets)
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,14 @@ class ExportFormat:
     description: str                               # one line: what it is and which engines load it
     write: Callable[[Path, "AppliedPlan", "LoadedModel", ExportOptions], dict[str, Any]]
     load: Callable[[Path], Any]
-    check: Callable[["AppliedPlan"], None] = field(default=lambda applied: None)
+    check: Callable[["AppliedPlan", ExportOptions], None] = field(default=lambda applied, options: None)
     dtypes: tuple[str, ...] = ("float16", "bfloat16")
+    targets: tuple[str, ...] = ()                  # engines ``--target`` can check the export against
 
 
 _FORMATS: dict[str, ExportFormat] = {}
+# what ``export`` / ``compress`` write unless told otherwise: loads with plain from_pretrained, stays low-bit on disk
+DEFAULT_FORMAT = "compressed-tensors"
 
 
 def register_format(fmt: ExportFormat) -> ExportFormat:
