@@ -14,7 +14,7 @@ The built-in formats are imported explicitly below (no package walking); importi
 the package imports the package first, so the registry always holds them.
 """
 
-from autocomp.exporters import compressed_tensors, hf_float, packed  # noqa: F401  (registers the built-in formats)
+from autocomp.exporters import compressed_tensors, gguf_file, hf_float, packed  # noqa: F401  (registers the built-in formats)
 from autocomp.exporters.registry import (DEFAULT_FORMAT, ExportFormat, ExportOptions, available_formats, get_format,
                                          register_format)
 

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from autocomp.errors import PlanError
-from autocomp.cachefile import public_file
 from autocomp.exporters.registry import ExportFormat, ExportOptions, register_format
 
 PACK_FORMAT = "pack-quantized"
@@ -188,6 +187,7 @@ def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, A
     from safetensors.torch import save_file
     from torch import nn
 
+    from autocomp.cachefile import public_file
     from autocomp.evaluators.size import layer_size
 
     check(applied, options)
