@@ -336,7 +336,7 @@ def apply_plan(loaded, plan: CompressionPlan, cache_dir: str | Path | None = "no
 
 
 def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_code: bool = False,
-             provenance: dict[str, Any] | None = None, format: str = DEFAULT_FORMAT, dtype: str = "float16",
+             provenance: dict[str, Any] | None = None, format: str | None = None, dtype: str = "float16",
              cache_dir: str | Path | None = None, target: str | None = None) -> Path:
     """Apply ``plan`` to ``model`` and save the compressed model in ``out`` with ``plan.json`` and
     ``autocomp.json`` (what was written, the accounted size, the provenance).
@@ -353,6 +353,7 @@ def compress(model: str, plan: CompressionPlan, out: str | Path, trust_remote_co
     from autocomp.inputs.models import load_model
     from autocomp.inputs.targets import find_targets
 
+    format = format or DEFAULT_FORMAT
     fmt = get_format(format)
     if dtype not in fmt.dtypes:
         raise PlanError(f"storage dtype {dtype!r} is not one of {', '.join(fmt.dtypes)} for --format {format}")
@@ -439,18 +440,23 @@ def load_deployed(folder: str | Path, device: str = "cpu", dtype: str = "float32
     return model.eval(), report
 
 
-def export(storage: str, study_name: str, trial: int, out: str | Path, format: str = DEFAULT_FORMAT,
+def export(storage: str, study_name: str, trial: int, out: str | Path, format: str | None = None,
            dtype: str = "float16", cache_dir: str | Path | None = None, trust_remote_code: bool = False,
            target: str | None = None) -> Path:
     """Rebuild trial ``trial`` of the study from its stored plan and save it like :func:`compress`.
-    ``trust_remote_code`` must be given for a study whose model runs its own code: the stored spec
-    alone never makes this process run it."""
+    ``format`` / ``target`` default to the study's ``deploy_target`` (vllm: compressed-tensors checked
+    for vLLM; llamacpp: gguf; torch: packed), else compressed-tensors. ``trust_remote_code`` must be
+    given for a study whose model runs its own code: the stored spec alone never makes this process run it."""
     from autocomp.study.prepare import check_remote_code
 
     records = load_records(storage, study_name)
     check_remote_code(records.spec, trust_remote_code, "autocomp export", study_name)
     record = find_trial(records, trial)
     plan = CompressionPlan.from_dict(record.plan, where=f"trial {trial} plan")
+    deploy = records.spec.space.deploy
+    if format is None and deploy is not None:
+        format = deploy.format
+        target = target if target is not None else deploy.export_target
     return compress(records.spec.model, plan, out, trust_remote_code=records.spec.trust_remote_code and trust_remote_code,
                     provenance={"study_name": study_name, "trial": trial, "metrics": record.metrics},
                     format=format, dtype=dtype, cache_dir=cache_dir, target=target)

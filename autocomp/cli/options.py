@@ -44,9 +44,9 @@ def add_export_format(p: argparse.ArgumentParser) -> None:
     from autocomp.exporters import DEFAULT_FORMAT, available_formats, get_format
 
     formats = available_formats()
-    p.add_argument("--format", default=DEFAULT_FORMAT, choices=formats,
+    p.add_argument("--format", default=None, choices=formats,
                    help="; ".join(f"{name}: {get_format(name).description}" for name in formats)
-                   + f" (default {DEFAULT_FORMAT})")
+                   + f" (default: the study's deploy_target's format, else {DEFAULT_FORMAT})")
     targets = sorted({t for name in formats for t in get_format(name).targets})
     p.add_argument("--target", default=None, choices=targets,
                    help="refuse, before writing, what this serving engine cannot load (with the format that checks it: "

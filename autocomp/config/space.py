@@ -18,6 +18,8 @@ This module is the only caller of ``trial.suggest_*``. Format (every key but ``n
       group_size: [128]            # -1 = per output channel
       symmetric: [false]
     baselines: true                # enqueue the uniform configurations first
+    deploy_target: vllm            # optional: vllm | llamacpp | torch (autocomp.config.deploy): only
+                                   # choices that engine holds; fused layers share one choice
     student:                       # optional: student sizes and distillation (autocomp.students.space)
       layers: [1.0, 0.75, 0.5]
       distill: {steps: [0, 50]}
@@ -39,13 +41,15 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from autocomp.errors import PlanError, SpaceError
+from autocomp.config.deploy import DEPLOY_TARGETS, DeployTarget
 from autocomp.config.plan import ALLOWED_BITS, DENSE_BITS, PER_CHANNEL, LayerPlan, compose_method, parse_nm
 from autocomp.students.space import StudentSpace, is_student_param
 from autocomp.inputs.targets import Target
 
 GRANULARITIES = ("layer", "block", "role", "uniform")
 BUILTIN_DIR = Path(__file__).resolve().parent / "spaces"
-_TOP_KEYS = ("name", "description", "targets", "granularity", "sparsity", "quantization", "baselines", "student")
+_TOP_KEYS = ("name", "description", "targets", "granularity", "sparsity", "quantization", "baselines", "student",
+             "deploy_target")
 _TARGET_KEYS = ("include", "exclude", "embeddings")
 _SPARSITY_KEYS = ("methods", "levels")
 _QUANT_KEYS = ("methods", "bits", "group_size", "symmetric")
@@ -103,6 +107,7 @@ class SearchSpace:
     symmetric: tuple[bool, ...] = (False,)
     baselines: bool = True
     student: StudentSpace | None = None
+    deploy_target: str | None = None
     source: str = field(default="", compare=False)
 
     # ---- loading -------------------------------------------------------------------------
@@ -172,12 +177,23 @@ class SearchSpace:
         if not isinstance(top.get("baselines", True), bool):
             raise SpaceError(f"{where}: baselines must be true or false")
         student = StudentSpace.from_dict(top["student"], where) if top.get("student") is not None else None
-        return cls(
+        deploy = top.get("deploy_target")
+        if deploy is not None and deploy not in DEPLOY_TARGETS:
+            raise SpaceError(f"{where}: deploy_target {deploy!r} is not one of {', '.join(DEPLOY_TARGETS)}")
+        space = cls(
             name=name, description=str(top.get("description", "")), include=include, exclude=exclude,
             embeddings=bool(tgt.get("embeddings", False)), granularity=gran, prune_methods=prune_methods,
             levels=tuple(levels), quant_methods=quant_methods, bits=bits, group_sizes=groups, symmetric=sym,
-            baselines=bool(top.get("baselines", True)), student=student, source=where,
+            baselines=bool(top.get("baselines", True)), student=student, deploy_target=deploy, source=where,
         )
+        problems = space.deploy.space_problems(space) if space.deploy is not None else []
+        if problems:
+            raise SpaceError(f"{where}: deploy_target {deploy} cannot hold these choices: {'; '.join(problems)}")
+        return space
+
+    @property
+    def deploy(self) -> DeployTarget | None:
+        return DEPLOY_TARGETS[self.deploy_target] if self.deploy_target is not None else None
 
     @classmethod
     def load(cls, ref: str | Path) -> "SearchSpace":
@@ -209,7 +225,8 @@ class SearchSpace:
             "quantization": {"methods": list(self.quant_methods), "bits": list(self.bits),
                              "group_size": list(self.group_sizes), "symmetric": list(self.symmetric)},
             "baselines": self.baselines,
-        } | ({"student": self.student.to_dict()} if self.student is not None else {})
+        } | ({"student": self.student.to_dict()} if self.student is not None else {}) | (
+            {"deploy_target": self.deploy_target} if self.deploy_target is not None else {})
 
     # ---- binding to a model --------------------------------------------------------------
     def select_targets(self, targets: Sequence[Target]) -> list[Target]:
@@ -232,6 +249,9 @@ class SearchSpace:
             chosen.extend(t for t in targets if not t.in_blocks)
         if not chosen:
             raise SpaceError(f"{self.source}: no layer left to search after include/exclude")
+        problems = self.deploy.target_problems(self, chosen) if self.deploy is not None else []
+        if problems:
+            raise SpaceError(f"{self.source}: deploy_target {self.deploy_target} cannot hold {'; '.join(problems)}")
         for lv in self.levels:
             nm = parse_nm(lv) if isinstance(lv, str) else None
             if nm:
@@ -242,17 +262,19 @@ class SearchSpace:
         return chosen
 
     def groups(self, targets: Sequence[Target]) -> dict[str, list[Target]]:
-        """Group key -> targets sharing one choice, following ``granularity``; the embedding is its own group."""
+        """Group key -> targets sharing one choice, following ``granularity``; the embedding is its own
+        group; layers the deploy target fuses (q/k/v, gate/up for vLLM) share one group per block (or role)."""
         out: dict[str, list[Target]] = {}
         for t in targets:
+            fused = self.deploy.fused_key(t.role) if self.deploy is not None and t.in_blocks else None
             if not t.in_blocks:
                 key = f"{t.role}"
             elif self.granularity == "layer":
-                key = t.name
+                key = t.name if fused is None else f"block.{t.block}.{fused}"
             elif self.granularity == "block":
                 key = f"block.{t.block}"
             elif self.granularity == "role":
-                key = f"role.{t.role}"
+                key = f"role.{t.role if fused is None else fused}"
             else:
                 key = "all"
             out.setdefault(key, []).append(t)
