@@ -22,10 +22,13 @@ from autocomp.inputs.targets import find_targets
     ("vllm", {"bits": [4, 16], "symmetric": [True]}, True, ["embedding", "targets.embeddings"]),
     ("llamacpp", {"bits": [4, 16], "symmetric": [True], "group_size": [128]}, True, ["group sizes [128]"]),
     ("llamacpp", {"bits": [3, 4], "symmetric": [True], "group_size": [32]}, True, ["bits [3]"]),
+    ("llamacpp", {"bits": [4], "symmetric": [True], "group_size": [32]}, True, ["sparsity levels"]),
 ])
 def test_choices_the_target_cannot_hold_are_refused(target, quantization, embeddings, mentions):
     data = {"name": "t", "deploy_target": target, "targets": {"embeddings": embeddings},
             "quantization": {"methods": ["rtn"], **quantization}}
+    if quantization["bits"] == [4]:
+        data["sparsity"] = {"methods": ["magnitude"], "levels": [0.0, "2:4"]}
     with pytest.raises(SpaceError, match=f"deploy_target {target} cannot hold") as err:
         SearchSpace.from_dict(data, "t.yaml")
     for word in mentions:

@@ -103,6 +103,14 @@ ROWS: dict[str, Row] = {
     "sampler-unknown": Row(_search("--sampler", "random"), ["--sampler", "random"]),
     "format-unknown": Row(_study("export", "--trial", "0", "--out", "{tmp}/out", "--format", "onnx"),
                           ["--format", "onnx"], absent=["{tmp}/out"]),
+    "format-cannot-hold": Row(["compress", "--model", "{model}", "--plan", "{bad}/asym8.json", "--out", "{tmp}/out",
+                               "--format", "gguf"], ["asymmetric 8-bit", "model.layers.0."], absent=["{tmp}/out"]),
+    "default-format-cannot-hold": Row(["compress", "--model", "{gpt2}", "--plan", "{bad}/plan.json", "--out",
+                                       "{tmp}/out"], ["Conv1D", "--format packed"], absent=["{tmp}/out"]),
+    "target-unknown": Row(_study("export", "--trial", "0", "--out", "{tmp}/out", "--target", "sglang"),
+                          ["--target", "sglang"], absent=["{tmp}/out"]),
+    "target-not-checked-by-format": Row(_study("export", "--trial", "0", "--out", "{tmp}/out", "--format", "packed",
+                                               "--target", "vllm"), ["--target vllm", "packed"], absent=["{tmp}/out"]),
     "prefer-unknown": Row(_study("recommend", "--prefer", "fastest"), ["--prefer", "fastest"]),
     "command-unknown": Row(["serch"], ["serch"]),
     "option-unknown": Row(_study("pareto", "--jsn"), ["--jsn"]),
@@ -167,6 +175,7 @@ def hostile(tiny_models, tmp_path_factory, cache_dir):
     (bad / "hf-models" / "m").mkdir(parents=True)
     save_file({"w": torch.zeros(64)}, str(bad / "hf-models" / "m" / "model.safetensors"))
     (bad / "plan.json").write_text(json.dumps({"version": 1, "default": {"method": "rtn", "bits": 4}}))
+    (bad / "asym8.json").write_text(json.dumps({"version": 1, "default": {"method": "rtn", "bits": 8, "group_size": 32}}))
     (bad / "broken.yaml").write_text("name: x\nsparsity:\n  levels: [0.0, 0.5\n  methods: [magnitude]\n")
     (bad / "binary.yaml").write_bytes(b"name: \xff\xfe x\n")
     (bad / "binary.txt").write_bytes(b"\xff\xfe\x00bad\x80" * 10)

@@ -11,7 +11,8 @@ vllm        compressed-tensors, checked   symmetric 2, 4 or 8 bits (other widths
                                           sizes that divide every searched layer's inputs; no
                                           quantized embedding; q/k/v and gate/up take one choice
                                           per block (vLLM runs them as one layer); no GPT-2
-                                          Conv1D layers
+                                          Conv1D layers; no sparsity (both formats store
+                                          pruned weights as zeros)
 llamacpp    gguf                          symmetric 4, 5 or 8 bits in groups of 32: exactly
                                           ggml's Q4_0, Q5_0 and Q8_0 blocks (other widths and
                                           groups would be stored in a wider block than the
@@ -55,6 +56,9 @@ class DeployTarget:
             out.append(f"bits {wrong} (use {', '.join(map(str, allowed))} or 16)")
         if False in space.symmetric:
             out.append("asymmetric layers (set quantization.symmetric to [true])")
+        if any(level != 0.0 for level in space.levels):
+            out.append("sparsity levels above 0 (pruned weights are stored as zeros: no bytes saved; set "
+                       "sparsity.levels to [0.0])")
         if self.name == "vllm" and space.embeddings:
             out.append("a quantized embedding, which vLLM does not load from compressed-tensors (set "
                        "targets.embeddings to false)")
