@@ -253,6 +253,16 @@ def _zero_points(quant: QuantizedWeight, in_features: int) -> torch.Tensor:
     return quant.zeros[:, torch.arange(in_features) // quant.group_size]
 
 
+def signed_codes(cw: CompressedWeight) -> torch.Tensor:
+    """``code - zero`` of every weight of a quantized layer (int16 ``[out, in]``), 0 where pruned: the
+    integers that times the group scale give the simulated weight (what engines' formats store)."""
+    q = cw.quant
+    signed = q.codes.to(torch.int16) - _zero_points(q, q.codes.shape[1]).to(torch.int16)
+    if cw.mask is not None:
+        signed = torch.where(cw.mask, signed, torch.zeros((), dtype=signed.dtype))
+    return signed
+
+
 def _check_matches(cw: CompressedWeight, fmt: LayerFormat) -> None:
     """The simulated layer holds what its plan says; raises PlanError otherwise."""
     shape = (fmt.out_features, fmt.in_features)

@@ -134,14 +134,9 @@ def _signed_codes(cw, scheme: StoredScheme):
     """The stored signed integers (int8 ``[out, in]``) of a quantized layer: ``code - zero``, 0 where pruned."""
     import torch
 
-    q = cw.quant
-    if q.zeros is None:
-        signed = q.codes.to(torch.int16) - (1 << (q.bits - 1))
-    else:
-        col_group = torch.arange(q.codes.shape[1]) // q.group_size
-        signed = q.codes.to(torch.int16) - q.zeros[:, col_group].to(torch.int16)
-    if cw.mask is not None:
-        signed = torch.where(cw.mask, signed, torch.zeros((), dtype=signed.dtype))
+    from autocomp.deploy.pack import signed_codes
+
+    signed = signed_codes(cw)
     limit = 1 << (scheme.bits - 1)
     if int(signed.min()) < -limit or int(signed.max()) >= limit:
         raise PlanError(f"codes outside the {scheme.bits}-bit range: the compressed weight is corrupt; compress it again")

@@ -119,20 +119,6 @@ def check(applied, options: ExportOptions) -> None:
 
 # ------------------------------------------------------------------------------------------ blocks
 
-def signed_codes(cw):
-    """``code - zero`` of a quantized layer (int16 ``[out, in]``), 0 where pruned."""
-    import torch
-
-    q = cw.quant
-    col_group = torch.arange(q.codes.shape[1]) // q.group_size
-    zero = (q.zeros[:, col_group].to(torch.int16) if q.zeros is not None
-            else torch.full((), 1 << (q.bits - 1), dtype=torch.int16))
-    signed = q.codes.to(torch.int16) - zero
-    if cw.mask is not None:
-        signed = torch.where(cw.mask, signed, torch.zeros((), dtype=signed.dtype))
-    return signed
-
-
 def pack_blocks(signed, block_scales, type_name: str):
     """The bytes (uint8 ``[out, in / 32 * block bytes]``) of ``signed`` (integers ``[out, in]``) with one
     fp16 scale per 32-weight block (``block_scales``: ``[out, in / 32]``) in ggml's ``type_name`` layout."""
@@ -176,6 +162,7 @@ def _tensors(applied, options: ExportOptions, arch: Arch) -> Iterator[_Tensor]:
     import gguf
     import torch
 
+    from autocomp.deploy.pack import signed_codes
     from autocomp.inputs.targets import read_weight
 
     model, config = applied.model, applied.model.config
