@@ -264,12 +264,15 @@ def _hf_metadata(writer, applied, loaded, arch: Arch) -> None:
     if spec.get("model", {}).get("type") != "BPE":
         raise PlanError(f"the tokenizer of {loaded.folder} is {spec.get('model', {}).get('type')!r}, not byte-level "
                         "BPE: its GGUF vocabulary cannot be written here; export with --format compressed-tensors")
-    vocab = tokenizer.get_vocab()
-    size = max(config.vocab_size, len(vocab))
+    # the token list has one entry per embedding row (llama.cpp checks it against token_embd): padding
+    # rows get placeholder tokens, tokens the tokenizer added beyond the embedding are dropped
+    size = applied.model.get_input_embeddings().weight.shape[0]
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()}
-    for token, index in vocab.items():
+    for token, index in tokenizer.get_vocab().items():
+        if index >= size:
+            continue
         tokens[index] = token
         types[index] = gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
     writer.add_tokenizer_model("gpt2")
