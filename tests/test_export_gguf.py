@@ -139,8 +139,16 @@ def test_an_architecture_without_a_gguf_writer_is_refused(tiny_models, tmp_path)
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "gpt2"])
 def test_llama_cpp_runs_the_file_close_to_the_trial(arch, exports):
-    """llama.cpp quantizes activations in its matmuls: perplexity within 2% of the float export's."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    """llama.cpp quantizes activations in its matmuls: perplexity within 2% of the float export's.
+    Skipped without llama-cpp-python (a 10-15 minute source build), unless AUTOCOMP_REQUIRE_LLAMA_CPP=1 (CI)."""
+    import os
+
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("AUTOCOMP_REQUIRE_LLAMA_CPP") == "1":
+            pytest.fail("llama-cpp-python is not installed (AUTOCOMP_REQUIRE_LLAMA_CPP=1)", pytrace=False)
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
     import numpy as np
     from transformers import AutoModelForCausalLM
 
