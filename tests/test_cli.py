@@ -443,11 +443,6 @@ def test_the_default_export_loads_with_plain_from_pretrained(study, tmp_path):
     out = tmp_path / "default"
     proc = run_cli(["export", "--storage", study.url, "--study-name", STUDY, "--trial", record.trial, "--out", out],
                    tmp_path, study.cache)
-    if study.arch == "gpt2" and proc.returncode:   # a quantized Conv1D: refused by name, nothing written
-        message = assert_one_line_error(proc, strict=False)
-        assert "Conv1D" in message and "transformer.h.0." in message and "--format packed" in message
-        assert not out.exists()
-        return
     assert_ok(proc)
     info = json.loads((out / "autocomp.json").read_text())
     assert info["format"] == "compressed-tensors"

@@ -1,7 +1,7 @@
 """The compressed-tensors export: plain ``from_pretrained`` loads it and computes exactly what the
 float export (the simulated weights in float32) computes, for mixed bits, groups, symmetric and
-asymmetric layers and pruned layers; what it cannot hold, or vLLM cannot serve, is refused before
-anything is written."""
+asymmetric layers and pruned layers; layers it cannot hold are stored dequantized and named; what
+vLLM cannot serve is refused (``--target vllm``) before anything is written."""
 
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ def test_the_file_holds_the_codes_in_one_config_group_per_scheme(exports):
     targets = [n for g in groups for n in g["targets"]]
     assert len(targets) == len(set(targets)) and "model.layers.0.self_attn.q_proj" in targets
     assert not any("embed" in n for n in targets), "the embedding is stored dequantized"
+    assert "embedding" in json.loads((ct / "autocomp.json").read_text())["stored_dequantized"]["model.embed_tokens"]["reason"]
     tensors = load_file(ct / "model.safetensors")
     info = json.loads((ct / "autocomp.json").read_text())
     assert "model.embed_tokens" in info["stored_dequantized"] and "more than accounted" in info["note"]
@@ -130,13 +131,22 @@ def test_bfloat16_export_states_the_scale_rounding(tiny_models, tmp_path):
     ("llama", _rtn(8, 32, symmetric=False), "asymmetric 8-bit"),
     ("llama", _rtn(4, 48), "group size 48 does not divide"),
 ])
-def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(tiny_models, tmp_path, arch, layer, why):
+def test_what_compressed_tensors_cannot_hold_is_stored_dequantized_and_stated(tiny_models, tmp_path, arch, layer, why):
+    """The folder still loads and computes the trial's model; autocomp.json names each such layer."""
+    from transformers import AutoModelForCausalLM
+
     plan = CompressionPlan(default=layer, calibration=CALIB)
-    with pytest.raises(PlanError, match=why) as err:
-        autocomp.compress(str(tiny_models[arch]), plan, tmp_path / "out", format="compressed-tensors")
-    assert "layers.0" in str(err.value) or ".h.0." in str(err.value)   # names the layers
-    assert "--format packed" in str(err.value)
-    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+    model = str(tiny_models[arch])
+    ct = autocomp.compress(model, plan, tmp_path / "ct", format="compressed-tensors", dtype="float32")
+    flt = autocomp.compress(model, plan, tmp_path / "float", format="float")
+    info = json.loads((ct / "autocomp.json").read_text())
+    assert info["stored_dequantized"] and all(why in d["reason"] and d["bytes_added"] > 0
+                                              for d in info["stored_dequantized"].values())
+    assert "stored dequantized" in info["note"]
+    ours = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(flt, dtype=torch.float32).eval()
+    ids = torch.randint(3, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(_logits(ours, ids), _logits(ref, ids))
 
 
 @pytest.mark.parametrize("layers, why", [

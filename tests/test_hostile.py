@@ -105,8 +105,8 @@ ROWS: dict[str, Row] = {
                           ["--format", "onnx"], absent=["{tmp}/out"]),
     "format-cannot-hold": Row(["compress", "--model", "{model}", "--plan", "{bad}/asym8.json", "--out", "{tmp}/out",
                                "--format", "gguf"], ["asymmetric 8-bit", "model.layers.0."], absent=["{tmp}/out"]),
-    "default-format-cannot-hold": Row(["compress", "--model", "{gpt2}", "--plan", "{bad}/plan.json", "--out",
-                                       "{tmp}/out"], ["Conv1D", "--format packed"], absent=["{tmp}/out"]),
+    "format-group-not-32": Row(["compress", "--model", "{gpt2}", "--plan", "{bad}/g16.json", "--out", "{tmp}/out",
+                                "--format", "gguf"], ["multiples of 32", "transformer.h.0."], absent=["{tmp}/out"]),
     "target-unknown": Row(_study("export", "--trial", "0", "--out", "{tmp}/out", "--target", "sglang"),
                           ["--target", "sglang"], absent=["{tmp}/out"]),
     "target-not-checked-by-format": Row(_study("export", "--trial", "0", "--out", "{tmp}/out", "--format", "packed",
@@ -175,6 +175,7 @@ def hostile(tiny_models, tmp_path_factory, cache_dir):
     (bad / "hf-models" / "m").mkdir(parents=True)
     save_file({"w": torch.zeros(64)}, str(bad / "hf-models" / "m" / "model.safetensors"))
     (bad / "plan.json").write_text(json.dumps({"version": 1, "default": {"method": "rtn", "bits": 4}}))
+    (bad / "g16.json").write_text(json.dumps({"version": 1, "default": {"method": "rtn", "bits": 4, "group_size": 16}}))
     (bad / "asym8.json").write_text(json.dumps({"version": 1, "default": {"method": "rtn", "bits": 8, "group_size": 32}}))
     (bad / "broken.yaml").write_text("name: x\nsparsity:\n  levels: [0.0, 0.5\n  methods: [magnitude]\n")
     (bad / "binary.yaml").write_bytes(b"name: \xff\xfe x\n")

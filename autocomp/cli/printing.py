@@ -175,8 +175,7 @@ def print_recommendation(rec, storage: str, study_name: str, with_export_hint: b
 def print_saved(out: Path) -> None:
     """What an export folder holds, from the ``autocomp.json`` that compress/export wrote into it."""
     info = json.loads((Path(out) / "autocomp.json").read_text())
-    if info.get("format") == "packed":
-        print(f"saved {out} (packed: {info['bytes_on_disk'] / 1e6:.2f} MB on disk, accounted "
-              f"{info['accounted_size_mb']:.2f} MB, x{info['compression_ratio']:.2f} smaller than the original)")
-    else:
-        print(f"saved {out} (float weights; accounted {info['accounted_size_mb']:.2f} MB when packed)")
+    print(f"saved {out} ({info['format']}: {info['bytes_on_disk'] / 1e6:.2f} MB on disk, accounted "
+          f"{info['accounted_size_mb']:.2f} MB, x{info['compression_ratio']:.2f} smaller than the original)")
+    if info.get("note"):
+        print(f"note: {info['note']}")

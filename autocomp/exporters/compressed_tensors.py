@@ -9,7 +9,7 @@ per-layer configuration keeps its bits on disk:
 * symmetric b-bit codes are stored as the signed integers ``code - 2^(b-1)``, asymmetric b-bit codes
   (b < 8) as the symmetric (b+1)-bit integers ``code - zero`` (exact: ``(code - zero) * scale`` is the
   simulated weight, and compressed-tensors >= 0.18 cannot read packed zero points of group layers);
-  an asymmetric 8-bit layer cannot be held and is refused;
+  an asymmetric 8-bit layer would need 9 bits (see below);
 * a group size equal to the input size is the ``channel`` strategy, any other must divide the input
   size; scales are stored in the export dtype (the fp16 scales of the simulation are exact in float16
   and float32, and rounded in bfloat16: the rounding is measured and stated);
@@ -17,13 +17,13 @@ per-layer configuration keeps its bits on disk:
   when not quantized) and the sparsity is stated in ``autocomp.json``: no ``sparsity_config`` is
   written, since the engines ignore it (compressed-tensors) or refuse it (vLLM);
 * layers left dense and every other tensor are stored as in a plain ``save_pretrained`` folder;
-* a quantized input embedding (tied to the LM head or not) is stored dequantized in the export
-  dtype, because neither transformers (5.24, with compressed-tensors 0.20) nor vLLM loads a quantized
-  ``nn.Embedding`` from this format; the bytes this adds are stated in ``autocomp.json``, and a search
-  with ``deploy_target: vllm`` or ``transformers`` keeps the embedding dense.
-
-compressed-tensors quantizes ``nn.Linear`` and ``nn.Embedding`` modules only, so a quantized GPT-2
-``Conv1D`` layer is refused (export it as ``packed``, ``float`` or ``gguf``).
+* a quantized layer the format cannot hold exactly is stored dequantized in the export dtype, so the
+  folder still loads with plain ``from_pretrained`` and computes the trial's model (exactly in
+  float32): an input embedding (neither transformers 5.24 with compressed-tensors 0.20 nor vLLM
+  loads a quantized ``nn.Embedding`` from this format), an asymmetric 8-bit layer, a GPT-2
+  ``Conv1D`` layer (compressed-tensors quantizes ``nn.Linear`` only) and a group size that does not
+  divide the layer's inputs. ``autocomp.json`` lists each with its reason and the bytes it adds
+  (``stored_dequantized``); a search with ``deploy_target: vllm`` proposes none of them.
 """
 
 from __future__ import annotations
@@ -63,18 +63,18 @@ class StoredScheme:
 
 def stored_scheme(target, plan) -> StoredScheme | str | None:
     """The scheme a quantized layer is stored with, None for a layer that is not quantized, or a string
-    saying why compressed-tensors cannot hold it."""
+    saying why compressed-tensors cannot hold it (it is then stored dequantized)."""
     from autocomp.compressors.rtn import resolve_group_size
 
     if plan.quantizer is None:
         return None
     if target.kind == "embedding":
-        return None   # stored dequantized: see DEQUANTIZED_EMBEDDING
+        return "an embedding (transformers and vLLM do not load a quantized nn.Embedding from compressed-tensors)"
     if target.kind == "conv1d":
-        return "a GPT-2 Conv1D layer (compressed-tensors quantizes nn.Linear and nn.Embedding only)"
+        return "a GPT-2 Conv1D layer (compressed-tensors quantizes nn.Linear only)"
     bits = plan.bits if plan.symmetric else plan.bits + 1
     if bits > 8:
-        return "asymmetric 8-bit (it needs 9-bit signed integers; use symmetric 8-bit)"
+        return "asymmetric 8-bit (it would need 9-bit signed integers)"
     group = resolve_group_size(plan.group_size, target.in_features)
     if group != target.in_features and target.in_features % group:
         return f"group size {group} does not divide its {target.in_features} inputs"
@@ -120,10 +120,8 @@ def vllm_problems(applied) -> list[str]:
 
 
 def check(applied, options: ExportOptions) -> None:
-    """PlanError naming every layer compressed-tensors (or the ``vllm`` target) cannot hold."""
-    problems = [f"{t.name} is {scheme}" for t, _, scheme in _schemes(applied) if isinstance(scheme, str)]
-    _refuse(problems, "compressed-tensors cannot hold this configuration",
-            "Compress those layers another way, or export with --format packed (or float)")
+    """PlanError naming every layer the ``vllm`` target cannot serve (without a target every
+    configuration can be written: what the format cannot hold is stored dequantized)."""
     if options.target == "vllm":
         _refuse(vllm_problems(applied), "vLLM cannot serve this configuration",
                 "Change those layers (a search with deploy_target: vllm only proposes what vLLM serves), or export "
@@ -173,10 +171,6 @@ def quantization_config(groups: dict[StoredScheme, list[str]]) -> dict[str, Any]
     return json.loads(json.dumps(out, default=str))
 
 
-DEQUANTIZED_EMBEDDING = ("the quantized embedding is stored dequantized: transformers and vLLM do not load a "
-                         "quantized nn.Embedding from compressed-tensors")
-
-
 def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
@@ -194,12 +188,13 @@ def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, A
     packed_weights: set[int] = set()
     scale_error = 0.0
     sparse: dict[str, str] = {}
-    dequantized: dict[str, int] = {}          # quantized layers stored dequantized -> bytes added
+    dequantized: dict[str, dict[str, Any]] = {}   # quantized layers stored dequantized: why, bytes added
     for t, plan, scheme in _schemes(applied):
         if plan.pruner is not None:
             sparse[t.name] = plan.pattern if plan.nm else f"unstructured {plan.sparsity:g}"
-        if scheme is None and plan.quantizer is not None:
-            dequantized[t.name] = t.numel * dtype.itemsize - layer_size(t.out_features, t.in_features, plan).bytes
+        if isinstance(scheme, str):
+            dequantized[t.name] = {"reason": scheme, "bytes_added": t.numel * dtype.itemsize
+                                   - layer_size(t.out_features, t.in_features, plan).bytes}
         if not isinstance(scheme, StoredScheme):
             continue
         cw = compressed[t.name]
@@ -231,8 +226,10 @@ def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, A
     notes = []
     if dequantized:
         info["stored_dequantized"] = dequantized
-        notes.append(f"{DEQUANTIZED_EMBEDDING} ({', '.join(dequantized)}: "
-                     f"{sum(dequantized.values()) / 1e6:.1f} MB more than accounted)")
+        added = sum(d["bytes_added"] for d in dequantized.values()) / 1e6
+        reasons = sorted({d["reason"].split(" (")[0] for d in dequantized.values()})
+        notes.append(f"{len(dequantized)} quantized layer(s) stored dequantized in {options.dtype}, "
+                     f"{added:.1f} MB more than accounted ({'; '.join(reasons)}; see stored_dequantized)")
     if scale_error:
         info["scale_rounding_max_rel"] = scale_error
         notes.append(f"the fp16 scales were rounded to {options.dtype} (largest relative change {scale_error:.2e})")
