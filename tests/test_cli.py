@@ -433,7 +433,7 @@ def test_packed_export_matches_accounted_size_and_reloads(study, tmp_path):
 def test_the_default_export_loads_with_plain_from_pretrained(study, tmp_path):
     """The default export is compressed-tensors: plain ``from_pretrained`` loads it, it scores what the
     trial scored (up to the float16 storage of the tensors it keeps in floating point), and its
-    quantized layers stay low-bit on disk."""
+    quantized linear layers stay low-bit on disk (GPT-2's Conv1D layers cannot: they are named)."""
     from transformers import AutoModelForCausalLM
 
     from autocomp.evaluators.quality import score_windows
@@ -453,7 +453,10 @@ def test_the_default_export_loads_with_plain_from_pretrained(study, tmp_path):
     scores, _ = score_windows(exported, windows)
     assert scores.perplexity == pytest.approx(record.metrics["perplexity"], rel=5e-3)
     dense_fp16 = 2 * sum(t.numel() for t in _load_weights(Path(study.model)).values())
-    assert info["bytes_on_disk"] < dense_fp16
+    if study.arch == "gpt2":   # compressed-tensors quantizes nn.Linear only: GPT-2's Conv1D layers stay float
+        assert any("Conv1D" in d["reason"] for d in info["stored_dequantized"].values())
+    else:
+        assert info["bytes_on_disk"] < dense_fp16
 
 
 # ---- changed spec / infeasible budget ------------------------------------------------------------
