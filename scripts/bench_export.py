@@ -4,7 +4,8 @@ for, and scored there on the trial's own evaluation windows.
 
 A short search (per-layer symmetric 4 / 5 / 8 / 16 bits in groups of 32, embedding included, with
 ``deploy_target: llamacpp`` so that every point is exactly representable in GGUF; uniform baselines
-first) runs on the model; its Pareto front (always with uniform 4-bit) is exported as
+first) runs on the model; its uniform 4-bit point, its best mixed (non-uniform) point (on the front if one is, else the
+lowest-perplexity one) and the rest of its Pareto front, up to ``--max-points``, are exported as
 
 * ``compressed-tensors`` and loaded with plain ``AutoModelForCausalLM.from_pretrained``;
 * ``gguf`` and run in llama.cpp (llama-cpp-python, full logits) when it is installed, and read back
@@ -43,6 +44,7 @@ from autocomp.config.space import SearchSpace  # noqa: E402
 from autocomp.config.spec import StudySpec  # noqa: E402
 from autocomp.evaluators.quality import score_windows  # noqa: E402
 from autocomp.inputs.data import WindowSpec  # noqa: E402
+from autocomp.store.records import load_records  # noqa: E402
 
 SPACE = {"name": "export-bench", "deploy_target": "llamacpp",
          "description": "per-layer symmetric 4/5/8/16 bits, group 32, embedding included (exact in GGUF)",
@@ -127,10 +129,13 @@ def main() -> int:
                echo=lambda m: print(m, file=sys.stderr))
     search_s = time.perf_counter() - start
     front = sorted(api.pareto(url, "export-bench"), key=lambda r: r.metrics["size_bytes"])
-    uniform4 = [r for r in front if r.uniform == "uniform rtn 4b"]
-    points = (uniform4 + [r for r in front if r not in uniform4])[:args.max_points]
-    if not uniform4:
-        print("note: uniform 4-bit is not on the front; it is not in the table", file=sys.stderr)
+    everything = load_records(url, "export-bench").records
+    uniform4 = [r for r in everything if r.uniform == "uniform rtn 4b"][:1]
+    mixed = [r for r in front if r.uniform is None][:1] or sorted(
+        (r for r in everything if r.uniform is None), key=lambda r: r.metrics["perplexity"])[:1]
+    chosen = uniform4 + mixed
+    points = (chosen + [r for r in front if r not in chosen])[:args.max_points]
+    on_front = {r.trial for r in front}
 
     from autocomp.exporters import get_format
     from autocomp.study.evaluate import TrialEvaluator
@@ -138,7 +143,7 @@ def main() -> int:
     windows = TrialEvaluator(spec).eval_windows.input_ids
     rows = []
     for record in sorted(points, key=lambda r: r.metrics["size_bytes"]):
-        label = record.uniform or f"mixed (trial {record.trial})"
+        label = (record.uniform or f"mixed (trial {record.trial})") + ("" if record.trial in on_front else ", off the front")
         trial_ppl = record.metrics["perplexity"]
         for fmt in ("compressed-tensors", "gguf", "packed"):
             folder = work / f"t{record.trial}-{fmt}"
