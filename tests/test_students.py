@@ -282,7 +282,7 @@ def test_joint_search_front_contains_distilled_students(tiny_models, tmp_path, c
     number = students[0]["trial"]
     out = tmp_path / "export"
     assert_ok(run_cli(["export", "--storage", f"sqlite:///{db}", "--study-name", "joint", "--trial", number,
-                       "--out", out], tmp_path, cache_dir))
+                       "--out", out, "--format", "packed"], tmp_path, cache_dir))
     from autocomp.inputs.models import load_model
 
     exported = load_model(str(out)).model   # the packed format: the student's config, its layers packed
