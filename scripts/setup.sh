@@ -2,7 +2,7 @@
 # Create .venv (if missing) and install autocomp with its test extra. Idempotent; offline-safe as
 # long as PyPI is reachable. The CPU build of torch is pinned first so that pip does not pull a
 # multi-GB CUDA build. With --llama-cpp, also llama-cpp-python (compiled from source, 10-15 minutes
-# the first time; pip caches the wheel), without the multimodal library autocomp does not use.
+# on 2 cores the first time; pip caches the wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,5 +15,5 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 .venv/bin/pip install -q -e ".[test]"
 if [ "${1:-}" = "--llama-cpp" ] && ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
-  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" .venv/bin/pip install -q -e ".[llamacpp]"
+  .venv/bin/pip install -q -e ".[llamacpp]"
 fi
