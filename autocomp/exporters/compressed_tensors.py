@@ -99,21 +99,21 @@ def vllm_problems(applied) -> list[str]:
     or fused group: bit widths whose packing differs between compressed-tensors versions, and fused
     projections (q/k/v, gate/up) whose shards are stored with different schemes."""
     problems = []
-    by_block: dict[tuple[int, str], StoredScheme | None] = {}
+    by_block: dict[tuple[int, str], str] = {}     # (block, role) -> what vLLM sees: "int4 g128", "not quantized"
     for t, plan, scheme in _schemes(applied):
         if isinstance(scheme, StoredScheme) and scheme.bits in VERSION_DEPENDENT_BITS:
             was = f" (asymmetric {scheme.bits - 1}-bit)" if scheme.from_asymmetric else ""
             problems.append(f"{t.name} is stored as {scheme.bits}-bit{was}, which vLLM's compressed-tensors 0.17 "
-                            "unpacks differently: use 2, 4 or 8 bits (symmetric) or 3 or 7 bits (asymmetric)")
+                            "unpacks differently: use symmetric 2, 4 or 8 bits or asymmetric 3 bits")
         if t.block is not None:
-            by_block[(t.block, t.role)] = scheme if isinstance(scheme, StoredScheme) else None
+            by_block[(t.block, t.role)] = scheme.label() if isinstance(scheme, StoredScheme) else "not quantized"
     for (block, role), scheme in sorted(by_block.items()):
         for fused in FUSED_ROLES:
             if role != fused[0]:
                 continue
             shards = {r: by_block[(block, r)] for r in fused if (block, r) in by_block}
             if len(set(shards.values())) > 1:
-                described = ", ".join(f"{r}: {s.label() if s else 'not quantized'}" for r, s in shards.items())
+                described = ", ".join(f"{r}: {s}" for r, s in shards.items())
                 problems.append(f"block {block} fuses {'/'.join(shards)} into one layer but stores them differently "
                                 f"({described}): give them one scheme")
     return problems
