@@ -27,11 +27,7 @@ A space without ``deploy_target`` is unrestricted and exports as compressed-tens
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
-
-if TYPE_CHECKING:
-    from autocomp.config.space import SearchSpace
-    from autocomp.inputs.targets import Target
+from typing import Any, Sequence
 
 VLLM_BITS = (2, 4, 8)
 LLAMACPP_BITS = (4, 5, 8)     # Q4_0, Q5_0, Q8_0 with one fp16 scale per 32 weights
@@ -44,8 +40,9 @@ class DeployTarget:
     export_target: str | None = None         # the exporter's --target check
     fused: tuple[tuple[str, ...], ...] = ()  # roles the engine runs as one layer: one choice per block
 
-    def space_problems(self, space: "SearchSpace") -> list[str]:
-        """Choices of ``space`` this target cannot hold at their accounted size (each says what to change)."""
+    def space_problems(self, space: Any) -> list[str]:
+        """Choices of ``space`` (a :class:`~autocomp.config.space.SearchSpace`, which imports this module)
+        this target cannot hold at their accounted size (each says what to change)."""
         quantized = [b for b in space.bits if b < 16]
         if not quantized or self.name == "torch":
             return []
@@ -67,8 +64,8 @@ class DeployTarget:
                        "quantization.group_size to [32])")
         return out
 
-    def target_problems(self, space: "SearchSpace", targets: Sequence["Target"]) -> list[str]:
-        """Layers of the model this target cannot hold under ``space``."""
+    def target_problems(self, space: Any, targets: Sequence[Any]) -> list[str]:
+        """Layers (:class:`~autocomp.inputs.targets.Target`) this target cannot hold under ``space``."""
         if not any(b < 16 for b in space.bits):
             return []
         if self.name == "vllm":
