@@ -284,7 +284,9 @@ def test_resume_runs_only_the_missing_trials(backend, model, tmp_path):
 
 def _just_started_trial(url: str, name: str, run: Run, backend: Backend, min_complete: int = 2):
     """A trial that just started in one of ``run``'s workers (cli_helpers.just_started)."""
-    return just_started(trials_of(url, name), lambda t: "pid" in t.user_attrs and backend.killable(run, t), min_complete)
+    # the owner is written as two attributes (pid, then worker): wait for both, the lost reason names either
+    return just_started(trials_of(url, name), lambda t: {"pid", "worker"} <= set(t.user_attrs)
+                        and backend.killable(run, t), min_complete)
 
 
 @pytest.mark.parametrize("backend", ["local", "workers", pytest.param("ray-cluster", marks=CLUSTER)], indirect=True)
