@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from autocomp.errors import PlanError
-from autocomp.exporters.registry import ExportFormat, ExportOptions, register_format
+from autocomp.exporters.registry import ExportFormat, ExportOptions, refuse, register_format
 
 PACK_FORMAT = "pack-quantized"
 WEIGHTS_FILE = "model.safetensors"
@@ -88,12 +88,6 @@ def _schemes(applied) -> Iterator[tuple[Any, Any, StoredScheme | str | None]]:
             yield t, plan, stored_scheme(t, plan)
 
 
-def _refuse(problems: list[str], what: str, advice: str) -> None:
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise PlanError(f"{what}: {shown}. {advice}")
-
-
 def vllm_problems(applied) -> list[str]:
     """What vLLM 0.33 cannot serve in the compressed-tensors export of ``applied``, one line per layer
     or fused group: bit widths whose packing differs between compressed-tensors versions, and fused
@@ -123,7 +117,7 @@ def check(applied, options: ExportOptions) -> None:
     """PlanError naming every layer the ``vllm`` target cannot serve (without a target every
     configuration can be written: what the format cannot hold is stored dequantized)."""
     if options.target == "vllm":
-        _refuse(vllm_problems(applied), "vLLM cannot serve this configuration",
+        refuse(vllm_problems(applied), "vLLM cannot serve this configuration",
                 "Change those layers (a search with deploy_target: vllm only proposes what vLLM serves), or export "
                 "without --target vllm")
 
@@ -179,7 +173,6 @@ def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, A
     from autocomp.cachefile import public_file
     from autocomp.evaluators.size import layer_size
 
-    check(applied, options)
     dtype = getattr(torch, options.dtype)
     model = applied.model
     compressed = applied.compressed_weights()

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from autocomp.errors import PlanError
-from autocomp.exporters.registry import ExportFormat, ExportOptions, register_format
+from autocomp.exporters.registry import ExportFormat, ExportOptions, refuse, register_format
 
 GGUF_FILE = "model.gguf"
 BLOCK = 32
@@ -110,11 +110,8 @@ def problems(applied) -> list[str]:
 
 
 def check(applied, options: ExportOptions) -> None:
-    found = problems(applied)
-    if found:
-        shown = "; ".join(found[:6]) + (f"; and {len(found) - 6} more" if len(found) > 6 else "")
-        raise PlanError(f"GGUF cannot hold this configuration exactly: {shown}. Compress those layers another way, "
-                        "or export with --format compressed-tensors or packed")
+    refuse(problems(applied), "GGUF cannot hold this configuration exactly",
+           "Compress those layers another way, or export with --format compressed-tensors or packed")
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -148,6 +145,35 @@ def _qk_permutation(out_features: int, n_head: int):
     return torch.arange(out_features).reshape(n_head, 2, out_features // n_head // 2).transpose(1, 2).reshape(-1)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where each Hugging Face tensor of one model goes in its GGUF file, and in which row order."""
+
+    arch: Arch
+    names: Any                # gguf-py's TensorNameMap for the architecture and depth
+    n_head: int | None
+    n_kv: int | None
+
+    @classmethod
+    def of(cls, model) -> "_Layout":
+        import gguf
+
+        config, arch = model.config, _arch(model)
+        n_blocks = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer
+        n_head = getattr(config, "num_attention_heads", None)
+        return cls(arch, gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_name.upper()), n_blocks),
+                   n_head, getattr(config, "num_key_value_heads", n_head))
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        return self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    def rows(self, module: str, out_features: int):
+        """The GGUF row order of ``module``'s weight (None: as in Hugging Face)."""
+        if self.arch.permute_qk and module.endswith(("q_proj", "k_proj")):
+            return _qk_permutation(out_features, self.n_head if module.endswith("q_proj") else self.n_kv)
+        return None
+
+
 # ------------------------------------------------------------------------------------------ tensors
 
 @dataclass
@@ -159,34 +185,28 @@ class _Tensor:
 
 
 def _tensors(applied, options: ExportOptions, arch: Arch) -> Iterator[_Tensor]:
-    import gguf
     import torch
 
     from autocomp.deploy.pack import signed_codes
     from autocomp.inputs.targets import read_weight
 
-    model, config = applied.model, applied.model.config
-    n_blocks = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_name.upper()), n_blocks)
+    model = applied.model
+    layout = _Layout.of(model)
     compressed = applied.compressed_weights()
     targets = {t.name: t for t in applied.targets}
     float_type = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[options.dtype]
-    n_head = getattr(config, "num_attention_heads", None)
-    n_kv = getattr(config, "num_key_value_heads", n_head)
     seen: set[int] = set()
     for hf_name, value in model.state_dict(keep_vars=True).items():
         if id(value) in seen:
             continue      # a tied tensor: llama.cpp uses token_embd when output.weight is absent
         seen.add(id(value))
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name = layout.gguf_name(hf_name)
         if name is None:
             raise PlanError(f"tensor {hf_name} has no GGUF name for architecture {arch.gguf_name}; "
                             "export with --format compressed-tensors or packed")
         module, _, leaf = hf_name.rpartition(".")
         target = targets.get(module) if leaf == "weight" else None
-        rows = None
-        if arch.permute_qk and module.endswith(("q_proj", "k_proj")):
-            rows = _qk_permutation(value.shape[0], n_head if module.endswith("q_proj") else n_kv)
+        rows = layout.rows(module, target.out_features if target is not None else value.shape[0])
         plan = applied.per_layer.get(module) if target is not None else None
         if plan is not None and plan.quantizer is not None:
             cw = compressed[module]
@@ -286,7 +306,6 @@ def _hf_metadata(writer, applied, loaded, arch: Arch) -> None:
 def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, Any]:
     import gguf
 
-    check(applied, options)
     arch = _arch(applied.model)
     path = folder / GGUF_FILE
     writer = gguf.GGUFWriter(str(path), arch.gguf_name)
@@ -324,25 +343,21 @@ def read_gguf_weights(path: Path, model) -> dict[str, Any]:
     import gguf
     import torch
 
-    arch = _arch(model)
-    config = model.config
-    n_blocks = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_name.upper()), n_blocks)
-    n_head = getattr(config, "num_attention_heads", None)
-    n_kv = getattr(config, "num_key_value_heads", n_head)
+    layout = _Layout.of(model)
+    arch = layout.arch
     stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     state = {}
     conv = {name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}
     for hf_name, value in model.state_dict().items():
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name = layout.gguf_name(hf_name)
         if name not in stored:
             continue           # a tied tensor, re-tied by the model
         t = stored[name]
         data = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(
             [int(n) for n in reversed(t.shape)]).float()
         module = hf_name.rpartition(".")[0]
-        if arch.permute_qk and module.endswith(("q_proj", "k_proj")):
-            rows = _qk_permutation(data.shape[0], n_head if module.endswith("q_proj") else n_kv)
+        rows = layout.rows(module, data.shape[0])
+        if rows is not None:
             data = data[torch.argsort(rows)]
         if arch.norm_shift and hf_name.endswith("norm.weight"):
             data = data - arch.norm_shift

@@ -32,6 +32,13 @@ class ExportFormat:
     targets: tuple[str, ...] = ()                  # engines ``--target`` can check the export against
 
 
+def refuse(problems: list[str], what: str, advice: str) -> None:
+    """PlanError ``"<what>: <first six problems>[; and N more]. <advice>"`` when there are problems."""
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise PlanError(f"{what}: {shown}. {advice}")
+
+
 _FORMATS: dict[str, ExportFormat] = {}
 # what ``export`` / ``compress`` write unless told otherwise: loads with plain from_pretrained, stays low-bit on disk
 DEFAULT_FORMAT = "compressed-tensors"
