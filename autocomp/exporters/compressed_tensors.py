@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from autocomp.errors import PlanError
-from autocomp.exporters.registry import ExportFormat, ExportOptions, refuse, register_format
+from autocomp.config.deploy import DEPLOY_TARGETS
+from autocomp.exporters.registry import ExportFormat, ExportOptions, refuse, register_format, sparse_layers
 
 PACK_FORMAT = "pack-quantized"
 WEIGHTS_FILE = "model.safetensors"
 # bit widths that compressed-tensors 0.17 (vLLM 0.33's pin) packs with padding, unlike 0.18 and later
 VERSION_DEPENDENT_BITS = (3, 5, 6, 7)
-# fused projections: vLLM loads each group as one layer, with the first shard's scheme
-FUSED_ROLES = (("q", "k", "v"), ("gate", "up"))
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def vllm_problems(applied) -> list[str]:
         if t.block is not None:
             by_block[(t.block, t.role)] = scheme.label() if isinstance(scheme, StoredScheme) else "not quantized"
     for (block, role), scheme in sorted(by_block.items()):
-        for fused in FUSED_ROLES:
+        for fused in DEPLOY_TARGETS["vllm"].fused:   # vLLM loads each as one layer, with the first shard's scheme
             if role != fused[0]:
                 continue
             shards = {r: by_block[(block, r)] for r in fused if (block, r) in by_block}
@@ -180,11 +179,8 @@ def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, A
     tensors: dict[str, torch.Tensor] = {}
     packed_weights: set[int] = set()
     scale_error = 0.0
-    sparse: dict[str, str] = {}
     dequantized: dict[str, dict[str, Any]] = {}   # quantized layers stored dequantized: why, bytes added
     for t, plan, scheme in _schemes(applied):
-        if plan.pruner is not None:
-            sparse[t.name] = plan.pattern if plan.nm else f"unstructured {plan.sparsity:g}"
         if isinstance(scheme, str):
             dequantized[t.name] = {"reason": scheme, "bytes_added": t.numel * dtype.itemsize
                                    - layer_size(t.out_features, t.in_features, plan).bytes}
@@ -215,7 +211,7 @@ def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, A
         model.generation_config.save_pretrained(folder)
     info: dict[str, Any] = {"storage_dtype": options.dtype, "bytes_on_disk": (folder / WEIGHTS_FILE).stat().st_size,
                             "quantized_layers": sum(len(v) for v in groups.values()), "config_groups": len(groups),
-                            "sparse_layers_stored_dense": sparse}
+                            "sparse_layers_stored_dense": sparse_layers(applied)}
     notes = []
     if dequantized:
         info["stored_dequantized"] = dequantized

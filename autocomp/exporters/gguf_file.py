@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from autocomp.errors import PlanError
-from autocomp.exporters.registry import ExportFormat, ExportOptions, refuse, register_format
+from autocomp.exporters.registry import ExportFormat, ExportOptions, refuse, register_format, sparse_layers
 
 GGUF_FILE = "model.gguf"
 BLOCK = 32
@@ -330,10 +330,8 @@ def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, A
     writer.write_tensors_to_file()
     writer.close()
     applied.model.config.save_pretrained(folder)   # for `load` (and for readers that want the HF config)
-    sparse = {t.name: p.pattern if p.nm else f"unstructured {p.sparsity:g}" for t in applied.targets
-              if (p := applied.per_layer.get(t.name)) is not None and p.pruner is not None}
     return {"storage_dtype": options.dtype, "bytes_on_disk": path.stat().st_size, "gguf_tensor_types": counts,
-            "sparse_layers_stored_dense": sparse, "metadata_from": str(source) if source else "config.json",
+            "sparse_layers_stored_dense": sparse_layers(applied), "metadata_from": str(source) if source else "config.json",
             "note": "llama.cpp quantizes activations in its matmuls: its logits are close to, not equal to, the trial's"}
 
 

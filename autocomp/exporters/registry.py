@@ -32,6 +32,13 @@ class ExportFormat:
     targets: tuple[str, ...] = ()                  # engines ``--target`` can check the export against
 
 
+def sparse_layers(applied: "AppliedPlan") -> dict[str, str]:
+    """``{layer: "2:4" | "unstructured 0.5"}`` of every pruned layer: what a format without sparse
+    storage writes as zeros and states in ``autocomp.json``."""
+    return {t.name: p.pattern if p.nm else f"unstructured {p.sparsity:g}" for t in applied.targets
+            if (p := applied.per_layer.get(t.name)) is not None and p.pruner is not None}
+
+
 def refuse(problems: list[str], what: str, advice: str) -> None:
     """PlanError ``"<what>: <first six problems>[; and N more]. <advice>"`` when there are problems."""
     if problems:
