@@ -176,8 +176,14 @@ class Backend:
         workers = {t.user_attrs["worker"] for t in trials}
         if self.ray:
             assert {t.user_attrs["backend"] for t in trials} == {"ray"}
-        if self.workers > 1 and self.exactly_once_trials >= 10:   # enough trials that every worker gets some
-            assert len(workers) == self.workers, workers
+        if self.ray and self.workers > 1 and self.exactly_once_trials >= 10:
+            assert len(workers) == self.workers, workers    # the driver hands trials to every actor of its pool
+        if not self.ray and self.workers > 1:
+            # Plain workers pull trials: one that starts late may find none left, so which worker ran
+            # how many is timing; that each trial names the process that ran it is not.
+            pids = {p.pid for p in run.procs}
+            assert {t.user_attrs["pid"] for t in trials} <= pids, (workers, pids)
+            assert all(t.user_attrs["worker"].endswith(f":{t.user_attrs['pid']}") for t in trials), workers
         if "--address" in self.ray:
             assert len({t.user_attrs["node"] for t in trials}) == 2, "both nodes ran trials"
         if self.storage.startswith("postgresql"):
