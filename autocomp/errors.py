@@ -67,6 +67,10 @@ class NonFiniteScoreError(AutocompError):
     the trial is recorded as failed with this reason, never as completed."""
 
 
+class EngineError(AutocompError):
+    """A serving engine (llama.cpp) refuses a file or an operation; the message quotes what it logged."""
+
+
 class ExportError(AutocompError):
     """An export cannot be written (disk full, permissions) or its format cannot hold the configuration."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -82,7 +83,16 @@ def topk_kl(ref_lp: torch.Tensor, ref_idx: torch.Tensor, q_top: torch.Tensor) ->
 @torch.no_grad()
 def score_windows(model: nn.Module, input_ids: torch.Tensor, reference: DenseReference | None = None,
                   topk: int = 0, chunk: int = 128) -> tuple[WindowScores, DenseReference | None]:
-    """Score every window of ``input_ids`` (``[n, seq]``).
+    """Score every window of ``input_ids`` (``[n, seq]``) with a torch causal LM (see :func:`score_logits`)."""
+    return score_logits(lambda ids: model(ids.unsqueeze(0), use_cache=False).logits[0], input_ids, reference, topk, chunk)
+
+
+@torch.no_grad()
+def score_logits(forward: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                 reference: DenseReference | None = None, topk: int = 0,
+                 chunk: int = 128) -> tuple[WindowScores, DenseReference | None]:
+    """Score every window of ``input_ids`` (``[n, seq]``); ``forward(ids)`` gives one window's logits
+    (``[seq, vocab]``) in any engine.
 
     Log-probabilities are never materialised over the vocabulary: per position only the
     log-normaliser ``logsumexp(logits)`` is computed, and the few log-probabilities needed (the
@@ -95,8 +105,7 @@ def score_windows(model: nn.Module, input_ids: torch.Tensor, reference: DenseRef
     kl = torch.zeros(n, dtype=torch.float64) if reference is not None else None
     ref_lp = ref_idx = None
     for w in range(n):
-        ids = input_ids[w:w + 1]
-        logits = model(ids, use_cache=False).logits[0]
+        logits = forward(input_ids[w])
         if topk and ref_lp is None:
             topk = min(topk, logits.shape[-1])
             ref_lp = torch.empty(n, seq - 1, topk)

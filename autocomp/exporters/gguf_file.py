@@ -146,7 +146,7 @@ def _qk_permutation(out_features: int, n_head: int):
 
 
 @dataclass(frozen=True)
-class _Layout:
+class GGUFLayout:
     """Where each Hugging Face tensor of one model goes in its GGUF file, and in which row order."""
 
     arch: Arch
@@ -155,7 +155,7 @@ class _Layout:
     n_kv: int | None
 
     @classmethod
-    def of(cls, model) -> "_Layout":
+    def of(cls, model) -> "GGUFLayout":
         import gguf
 
         config, arch = model.config, _arch(model)
@@ -191,7 +191,7 @@ def _tensors(applied, options: ExportOptions, arch: Arch) -> Iterator[_Tensor]:
     from autocomp.inputs.targets import read_weight
 
     model = applied.model
-    layout = _Layout.of(model)
+    layout = GGUFLayout.of(model)
     compressed = applied.compressed_weights()
     targets = {t.name: t for t in applied.targets}
     float_type = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[options.dtype]
@@ -245,7 +245,7 @@ def _source_gguf(loaded) -> Path | None:
 _NOT_COPIED = ("general.file_type", "general.quantization_version", "GGUF.", "general.architecture")
 
 
-def _copy_metadata(writer, source: Path) -> None:
+def copy_metadata(writer, source: Path) -> None:
     """Every key of ``source`` but its file type and layout keys (llama.cpp reads them as it wrote them)."""
     import gguf
 
@@ -311,7 +311,7 @@ def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, A
     writer = gguf.GGUFWriter(str(path), arch.gguf_name)
     source = _source_gguf(loaded)
     if source is not None:
-        _copy_metadata(writer, source)
+        copy_metadata(writer, source)
     else:
         _hf_metadata(writer, applied, loaded, arch)
     counts: dict[str, int] = {}
@@ -341,7 +341,7 @@ def read_gguf_weights(path: Path, model) -> dict[str, Any]:
     import gguf
     import torch
 
-    layout = _Layout.of(model)
+    layout = GGUFLayout.of(model)
     arch = layout.arch
     stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     state = {}
