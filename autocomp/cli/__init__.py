@@ -4,7 +4,7 @@ exit codes.
 
 Commands: ``search``, ``worker`` (:mod:`autocomp.cli.search`); ``pareto``, ``recommend``, ``validate``,
 ``report``, ``dashboard`` (:mod:`autocomp.cli.read`); ``compress``, ``measure``, ``export``
-(:mod:`autocomp.cli.models`); ``spaces``, ``cache`` (:mod:`autocomp.cli.admin`). Shared argument
+(:mod:`autocomp.cli.models`); ``llamacpp quantize``, ``llamacpp score`` (:mod:`autocomp.cli.llamacpp`); ``spaces``, ``cache`` (:mod:`autocomp.cli.admin`). Shared argument
 groups live in :mod:`autocomp.cli.options`.
 
 Exit codes: 0 success; 2 a user error (named :class:`~autocomp.errors.AutocompError`, printed as one
@@ -35,12 +35,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``autocomp`` parser; every sub-command sets ``func(args) -> exit code``."""
-    from autocomp.cli import admin, models, read, search
+    from autocomp.cli import admin, llamacpp, models, read, search
 
     parser = OneLineParser(prog="autocomp", description="Automated compression search for causal LMs.")
     parser.add_argument("--version", action="version", version=f"autocomp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (search, read, models, admin):  # the order `autocomp --help` lists them in
+    for group in (search, read, models, llamacpp, admin):  # the order `autocomp --help` lists them in
         group.add_parser(sub)
     return parser
 

@@ -233,7 +233,7 @@ def _tensors(applied, options: ExportOptions, arch: Arch) -> Iterator[_Tensor]:
 
 # ------------------------------------------------------------------------------------------ metadata
 
-def _source_gguf(loaded) -> Path | None:
+def source_gguf(loaded) -> Path | None:
     """The GGUF file autocomp converted ``loaded`` from, if any."""
     marker = Path(loaded.folder) / "autocomp-source.json"
     if not marker.is_file():
@@ -309,7 +309,7 @@ def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, A
     arch = _arch(applied.model)
     path = folder / GGUF_FILE
     writer = gguf.GGUFWriter(str(path), arch.gguf_name)
-    source = _source_gguf(loaded)
+    source = source_gguf(loaded)
     if source is not None:
         copy_metadata(writer, source)
     else:

@@ -1,0 +1,244 @@
+"""The llama.cpp engine on a tiny Llama written as GGUF: quantizing per tensor, the importance
+matrix, variants assembled without quantizing again, scoring and timing in llama.cpp, bad input.
+
+The tiny model has 256-wide rows (K-quants need rows that are a multiple of 256). Skipped without
+llama-cpp-python unless AUTOCOMP_REQUIRE_LLAMA_CPP=1 (CI), where it fails instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import autocomp
+from autocomp.config.plan import CompressionPlan, LayerPlan
+from autocomp.errors import DependencyError, EngineError, ModelLoadError, PlanError
+from autocomp.exporters.gguf_file import GGUF_FILE
+
+if importlib.util.find_spec("llama_cpp") is None:
+    if os.environ.get("AUTOCOMP_REQUIRE_LLAMA_CPP") == "1":
+        raise ImportError("llama-cpp-python is not installed (AUTOCOMP_REQUIRE_LLAMA_CPP=1)")
+    pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')", allow_module_level=True)
+
+from autocomp.llamacpp import gguf_raw  # noqa: E402
+from autocomp.llamacpp.imatrix import importance_matrix  # noqa: E402
+from autocomp.llamacpp.quantize import quantize, tensor_types  # noqa: E402
+from autocomp.llamacpp.runtime import LlamaCppModel, measure, reference  # noqa: E402
+from autocomp.llamacpp.variants import GGUFVariants  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def wide(tiny_root, tmp_path_factory):
+    """(HF folder, its F32 GGUF file) of a tiny Llama with 256-wide rows, trained a few steps so that
+    its predictions are not uniform."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    root = tmp_path_factory.mktemp("wide")
+    tok = AutoTokenizer.from_pretrained(tiny_root / "tokenizer")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    folder = root / "hf"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    exported = autocomp.compress(str(folder), CompressionPlan(default=LayerPlan()), root / "gguf", format="gguf",
+                                 dtype="float32")
+    return folder, exported / GGUF_FILE
+
+
+def _ids(n: int, seq: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_overrides_set_each_named_tensor_and_the_preset_the_rest(wide, tmp_path):
+    _, ref = wide
+    out = quantize(ref, tmp_path / "q.gguf", preset="Q8_0",
+                   types={"blk.0.ffn_down.weight": "Q2_K", "blk.1.attn_q.weight": "q5_k", "token_embd.weight": "Q4_0"})
+    types = tensor_types(out)
+    assert types["blk.0.ffn_down.weight"] == "Q2_K"
+    assert types["blk.1.attn_q.weight"] == "Q5_K"
+    assert types["token_embd.weight"] == "Q4_0"
+    assert types["blk.1.ffn_down.weight"] == "Q8_0"          # the preset's
+    assert types["blk.0.attn_norm.weight"] == "F32"          # norms are never quantized
+
+
+def test_assembled_candidate_is_the_file_llama_cpp_writes_for_the_same_types(wide, tmp_path):
+    _, ref = wide
+    variants = GGUFVariants(ref, tmp_path / "cache")
+    menu = ("Q3_K", "Q4_0", "Q6_K", "Q8_0", "IQ4_NL")
+    mix = {n: variants.choices(n, menu)[i % 5] for i, n in enumerate(variants.searchable)}
+    assembled = variants.assemble(mix, tmp_path / "mix.gguf")
+    direct = quantize(ref, tmp_path / "direct.gguf", preset="Q8_0", types=mix)
+    a, b = gguf_raw.read_layout(assembled), gguf_raw.read_layout(direct)
+    assert set(a.tensors) == set(b.tensors) == set(variants.tensors)
+    for name in a.tensors:
+        ta, tb = a.tensors[name], b.tensors[name]
+        assert ta.ggml_type == tb.ggml_type, name
+        with assembled.open("rb") as fa, direct.open("rb") as fb:
+            fa.seek(ta.offset)
+            fb.seek(tb.offset)
+            assert fa.read(ta.nbytes) == fb.read(tb.nbytes), name
+    assert assembled.stat().st_size == variants.file_bytes(mix)
+    # gguf-py reads the assembled file and the types back
+    assert {n: t for n, t in tensor_types(assembled).items() if n in mix} == mix
+
+
+def test_a_type_the_rows_cannot_hold_is_never_offered_and_is_refused(wide, tmp_path):
+    _, ref = wide
+    variants = GGUFVariants(ref, tmp_path / "cache")
+    assert variants.choices("blk.0.ffn_down.weight", ["Q4_K", "Q4_0"]) == ["Q4_K", "Q4_0"]   # 512 inputs
+    with pytest.raises(PlanError, match="unknown GGUF tensor type 'Q9_K'"):
+        variants.file_bytes({"blk.0.ffn_down.weight": "Q9_K"})
+    with pytest.raises(PlanError, match="not a weight matrix"):
+        variants.file_bytes({"blk.0.attn_norm.weight": "Q8_0"})
+    with pytest.raises(PlanError, match="no tensor"):
+        variants.file_bytes({"blk.9.attn_q.weight": "Q8_0"})
+
+
+def test_perplexity_in_llama_cpp_is_within_2_percent_of_torch(wide):
+    from transformers import AutoModelForCausalLM
+
+    from autocomp.evaluators.quality import score_windows
+
+    folder, ref = wide
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = _ids(2, 96, model.config.vocab_size)
+    torch_scores, _ = score_windows(model, ids)
+    with LlamaCppModel(ref, 96, 1) as llm:
+        scores, _ = llm.score(ids)
+    assert scores.perplexity == pytest.approx(torch_scores.perplexity, rel=0.02)
+
+
+def test_kl_to_the_reference_grows_as_bits_shrink(wide, tmp_path):
+    _, ref = wide
+    ids = _ids(2, 64, 384, seed=1)
+    dense = reference(ref, ids, 32, 1)
+    kls = []
+    for kind in ("Q8_0", "Q4_K", "Q2_K"):
+        path = quantize(ref, tmp_path / f"{kind}.gguf", preset=kind if kind == "Q8_0" else "Q8_0",
+                        types={n: kind for n, t in tensor_types(ref).items() if n.startswith("blk.") and "norm" not in n})
+        with LlamaCppModel(path, 64, 1) as llm:
+            kls.append(llm.score(ids, dense)[0].mean_kl)
+    assert 0 <= kls[0] < kls[1] < kls[2], kls
+
+
+def test_importance_matrix_names_every_matmul_and_changes_the_quantization(wide, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, ref = wide
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    matrix = importance_matrix(model, _ids(2, 64, model.config.vocab_size))
+    layout = gguf_raw.read_layout(ref)
+    matmuls = {n for n, t in layout.tensors.items() if len(t.ne) == 2 and n != "token_embd.weight"}
+    assert set(matrix) == matmuls            # untied: the LM head is output.weight, the embedding has none
+    for name, values in matrix.items():
+        assert values.shape == (layout.tensors[name].ne[0],) and (values > 0).all(), name
+    types = {"blk.0.ffn_down.weight": "Q2_K"}
+    plain = quantize(ref, tmp_path / "plain.gguf", preset="Q8_0", types=types)
+    weighted = quantize(ref, tmp_path / "weighted.gguf", preset="Q8_0", types=types, imatrix=matrix)
+    a, b = gguf_raw.read_layout(plain).tensors["blk.0.ffn_down.weight"], gguf_raw.read_layout(weighted).tensors[
+        "blk.0.ffn_down.weight"]
+    with plain.open("rb") as fa, weighted.open("rb") as fb:
+        fa.seek(a.offset)
+        fb.seek(b.offset)
+        assert fa.read(a.nbytes) != fb.read(b.nbytes)
+    # variants made with a matrix are kept apart from those made without
+    assert GGUFVariants(ref, tmp_path, imatrix=matrix)._key != GGUFVariants(ref, tmp_path)._key
+
+
+def test_timing_reports_prefill_and_decode(wide):
+    timing = measure(wide[1], threads=1, prompt=16, decode=4, repeats=1)
+    assert timing.prefill_ms > 0 and timing.decode_ms_per_token > 0
+    assert (timing.prompt, timing.decode, timing.threads) == (16, 4, 1)
+
+
+def test_bad_input_is_one_line(wide, tmp_path, monkeypatch):
+    _, ref = wide
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 100)
+    with pytest.raises(ModelLoadError, match="is not a GGUF file"):
+        quantize(junk, tmp_path / "out.gguf")
+    with pytest.raises(ModelLoadError, match="is not a GGUF file"):
+        GGUFVariants(junk, tmp_path)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(ref.read_bytes()[: ref.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        gguf_raw.read_layout(truncated)
+    with pytest.raises(ModelLoadError, match="llama.cpp cannot load"):
+        LlamaCppModel(truncated, 32, 1)
+    with pytest.raises(PlanError, match="unknown GGUF tensor type"):
+        quantize(ref, tmp_path / "out.gguf", types={"blk.0.attn_q.weight": "Q9_K"})
+    with pytest.raises(PlanError, match="unknown llama.cpp preset"):
+        quantize(ref, tmp_path / "out.gguf", preset="Q4_K_XL")
+    with pytest.raises(EngineError, match="no tensor named blk.7"):
+        quantize(ref, tmp_path / "out.gguf", types={"blk.7.attn_q.weight": "Q8_0"})
+    with pytest.raises(EngineError, match="only with an importance matrix"):
+        quantize(ref, tmp_path / "out.gguf", types={"blk.0.attn_q.weight": "IQ2_XXS"})
+    assert not (tmp_path / "out.gguf").exists()
+    assert not list(tmp_path.glob(".out.gguf.tmp*"))
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)
+    with pytest.raises(DependencyError, match=r"autocomp\[llamacpp\]"):
+        quantize(ref, tmp_path / "out.gguf")
+
+
+def test_raw_layout_agrees_with_gguf_py(wide):
+    import gguf
+
+    _, ref = wide
+    layout = gguf_raw.read_layout(ref)
+    reader = gguf.GGUFReader(str(ref))
+    assert layout.data_start == reader.data_offset
+    for t in reader.tensors:
+        raw = layout.tensors[t.name]
+        assert (raw.offset, raw.nbytes, raw.ggml_type) == (int(t.data_offset), int(t.n_bytes), int(t.tensor_type))
+
+
+def test_cli_quantizes_a_model_with_types_and_an_importance_matrix_then_scores_it(wide, tmp_path, capsys):
+    from autocomp.cli import main
+
+    folder, _ = wide
+    out = tmp_path / "mix.gguf"
+    assert main(["llamacpp", "quantize", "--model", str(folder), "--out", str(out), "--preset", "Q4_K_M",
+                 "--type", "blk.0.ffn_down.weight=q2_k", "--imatrix-windows", "2", "--seq-len", "64"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert tensor_types(out)["blk.0.ffn_down.weight"] == "Q2_K"
+    assert main(["llamacpp", "score", "--model", str(folder), "--gguf", str(out), "--eval-windows", "2",
+                 "--seq-len", "64", "--threads", "1", "--json"]) == 0
+    import json
+
+    score = json.loads(capsys.readouterr().out)
+    assert score["kl"] > 0 and score["perplexity"] > 1 and score["decode_ms_per_token"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--type", "blk.0.ffn_down.weight=Q9_K"], "unknown GGUF tensor type"),
+    (["--type", "blk.0.ffn_down.weight"], "is not TENSOR=TYPE"),
+    (["--preset", "Q4_K_XL"], "unknown llama.cpp preset"),
+    (["--type", "blk.0.attn_q.weight=IQ2_XXS"], "only with an importance matrix"),
+])
+def test_cli_bad_quantize_input_is_one_line_and_exit_2(wide, tmp_path, capsys, argv, message):
+    from autocomp.cli import main
+
+    out = tmp_path / "x.gguf"
+    assert main(["llamacpp", "quantize", "--model", str(wide[0]), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_unreadable_gguf_and_missing_extra_are_one_line(wide, tmp_path, capsys, monkeypatch):
+    from autocomp.cli import main
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\0" * 4096)
+    assert main(["llamacpp", "score", "--model", str(wide[0]), "--gguf", str(junk)]) == 2
+    assert "is not a GGUF file" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)
+    assert main(["llamacpp", "score", "--model", str(wide[0]), "--gguf", str(wide[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "autocomp[llamacpp]" in err and err.count("\n") == 0
