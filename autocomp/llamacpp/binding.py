@@ -2,7 +2,7 @@
 
 ``llama-cpp-python`` has no wheel on PyPI: ``pip install 'autocomp[llamacpp]'`` compiles it (10-15
 minutes on 2 cores; pip caches the wheel). Without it every llama.cpp command fails with one line
-(:class:`~autocomp.errors.DependencyError`, exit 2).
+(:class:`~autocomp.errors.DependencyError` from :func:`autocomp._imports.optional`, exit 2).
 
 llama.cpp logs through one process-wide callback; :func:`lib` replaces llama-cpp-python's printing
 one with one that keeps the recent lines, so an error can quote what llama.cpp said
@@ -15,7 +15,8 @@ import collections
 import ctypes
 from typing import Any
 
-from autocomp.errors import DependencyError, PlanError
+from autocomp._imports import optional
+from autocomp.errors import PlanError
 
 INSTALL = "pip install 'autocomp[llamacpp]' (or bash scripts/setup.sh --llama-cpp; it compiles llama.cpp, 10-15 minutes)"
 
@@ -39,10 +40,7 @@ _CALLBACK: Any = None     # kept alive: llama.cpp holds a raw pointer to it
 def lib():
     """The ``llama_cpp`` module, with its log captured; DependencyError when it is not installed."""
     global _CALLBACK
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise DependencyError(f"the llama.cpp engine needs llama-cpp-python, which is not installed: {INSTALL}") from exc
+    llama_cpp = optional("llama_cpp", "the llama.cpp engine (llama-cpp-python)", INSTALL)
     if _CALLBACK is None:
         @llama_cpp.llama_log_callback
         def keep(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
