@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -53,37 +52,14 @@ SPACE = {"name": "export-bench", "deploy_target": "llamacpp",
          "baselines": True}
 
 
-def perplexity_from_logits(logits_of, input_ids: torch.Tensor, chunk: int = 128) -> float:
-    """exp(mean next-token NLL) over every window, as :func:`score_windows` computes it, from an
-    engine's full logits (``logits_of(window) -> [seq, vocab]``)."""
-    total, count = 0.0, 0
-    for w in range(input_ids.shape[0]):
-        logits = logits_of(input_ids[w])
-        seq = input_ids.shape[1]
-        for start in range(0, seq - 1, chunk):
-            stop = min(start + chunk, seq - 1)
-            z = logits[start:stop].float()
-            target = input_ids[w, start + 1:stop + 1]
-            total += float((torch.logsumexp(z, -1) - z.gather(1, target.unsqueeze(1)).squeeze(1)).sum())
-            count += stop - start
-    return math.exp(total / count)
-
-
 def llama_cpp_perplexity(path: Path, input_ids: torch.Tensor, threads: int) -> tuple[float, float]:
-    import numpy as np
-    from llama_cpp import Llama
+    """The file's perplexity from llama.cpp's own logits, and its load time."""
+    from autocomp.llamacpp.runtime import LlamaCppModel
 
     start = time.perf_counter()
-    llm = Llama(model_path=str(path), n_ctx=input_ids.shape[1], logits_all=True, verbose=False, n_threads=threads,
-                n_batch=input_ids.shape[1])
-    load = time.perf_counter() - start
-
-    def logits_of(ids: torch.Tensor) -> torch.Tensor:
-        llm.reset()
-        llm.eval(ids.tolist())
-        return torch.from_numpy(np.asarray(llm.scores[:ids.shape[0]], dtype=np.float32).copy())
-
-    return perplexity_from_logits(logits_of, input_ids), load
+    with LlamaCppModel(path, input_ids.shape[1], threads) as llm:
+        load = time.perf_counter() - start
+        return llm.score(input_ids)[0].perplexity, load
 
 
 def torch_perplexity(load, input_ids: torch.Tensor) -> tuple[float, float]:
