@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -46,9 +47,11 @@ def reference_gguf(loaded) -> Path:
     from autocomp.config.plan import CompressionPlan, LayerPlan
 
     folder = path.with_name(f"{path.stem}-export")
+    shutil.rmtree(folder, ignore_errors=True)      # what an interrupted earlier run left
     api.compress(loaded.folder, CompressionPlan(default=LayerPlan()), folder, format="gguf", dtype="float16",
                  cache_dir="none")
     (folder / GGUF_FILE).replace(path)
+    shutil.rmtree(folder)
     return path
 
 
