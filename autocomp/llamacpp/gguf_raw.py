@@ -78,14 +78,19 @@ class _Cursor:
             raise ValueError(f"unknown metadata value type {kind}")
 
 
-def _tensor_bytes(ggml_type: int, ne: tuple[int, ...]) -> int:
+def tensor_bytes(ggml_type: int, numel: int) -> int:
+    """Bytes of ``numel`` values stored as ggml type ``ggml_type`` (whole blocks)."""
     import gguf
 
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    return numel // block * size
+
+
+def _numel(ne: tuple[int, ...]) -> int:
     n = 1
     for d in ne:
         n *= d
-    return n // block * size
+    return n
 
 
 def read_layout(path: str | Path) -> RawLayout:
@@ -115,7 +120,7 @@ def read_layout(path: str | Path) -> RawLayout:
     except (struct.error, ValueError, UnicodeDecodeError, OSError) as exc:
         raise ModelLoadError(f"{path} is not a GGUF file ({exc}); pass a .gguf file llama.cpp wrote") from exc
     data_start = (cur.pos + alignment - 1) // alignment * alignment
-    tensors = {name: RawTensor(name, ne, kind, data_start + offset, _tensor_bytes(kind, ne))
+    tensors = {name: RawTensor(name, ne, kind, data_start + offset, tensor_bytes(kind, _numel(ne)))
                for name, ne, kind, offset in infos}
     end = max((t.offset + t.nbytes for t in tensors.values()), default=data_start)
     if end > size:

@@ -19,17 +19,15 @@ import numpy as np
 
 from autocomp.errors import EngineError, ModelLoadError
 from autocomp.llamacpp.binding import NEEDS_IMATRIX, clear_log, lib, preset_id, recent_log, type_id
+from autocomp.llamacpp.gguf_raw import read_layout
 
 
 def tensor_types(path: str | Path) -> dict[str, str]:
-    """Every tensor of the GGUF file at ``path`` and its type name, read with gguf-py."""
+    """Every tensor of the GGUF file at ``path`` and its type name (ModelLoadError when it is not a
+    GGUF file); from the byte-level header, not gguf-py's reader, which parses the whole vocabulary."""
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, KeyError) as exc:
-        raise ModelLoadError(f"{path} is not a GGUF file gguf-py can read ({exc}); pass a .gguf file") from exc
-    return {t.name: t.tensor_type.name for t in reader.tensors}
+    return {t.name: gguf.GGMLQuantizationType(t.ggml_type).name for t in read_layout(path).tensors.values()}
 
 
 def quantize(source: str | Path, out: str | Path, *, preset: str = "Q8_0", types: Mapping[str, str] | None = None,

@@ -56,14 +56,6 @@ def _ggml(kind: str) -> int:
     return int(gguf.GGMLQuantizationType[kind])
 
 
-def type_bytes(kind: str, numel: int) -> int:
-    """Bytes of ``numel`` values stored as ``kind``."""
-    import gguf
-
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
-    return numel // block * size
-
-
 def holds(kind: str, row: int) -> bool:
     """Whether rows of ``row`` values split into whole blocks of ``kind``."""
     import gguf
@@ -105,7 +97,7 @@ class GGUFVariants:
 
     def tensor_bytes(self, name: str, kind: str | None = None) -> int:
         t = self.tensors[name]
-        return type_bytes(kind or t.kind, t.numel)
+        return gguf_raw.tensor_bytes(_ggml(kind or t.kind), t.numel)
 
     def _planned(self, assignment: Mapping[str, str]) -> list[gguf_raw.RawTensor]:
         out = []
