@@ -4,8 +4,8 @@ A search over GGUF type mixes asks for many files that differ in a few tensors. 
 whole reference for each (about 20 s for gemma3-270m on 2 cores, most of it the embedding) is
 replaced by one llama.cpp quantization per type, in which every tensor that can hold the type takes
 it (with the importance matrix, when given); a candidate is then written by copying each tensor's
-bytes from the variant of its type (``assemble``: a file copy, about a second; see :mod:`.gguf_raw`). Each tensor is
-quantized independently of the others in llama.cpp, so an assembled file is byte-for-byte the file
+bytes from the variant of its type (``assemble``: a file copy, under a second; see
+:mod:`.gguf_raw`). Each tensor is quantized independently of the others in llama.cpp, so an assembled file is byte-for-byte the file
 ``llama-quantize`` writes with the same per-tensor types (a test checks it).
 
 Which types a tensor can take follows from its row length: K-quants and the 256-block I-quants need
@@ -13,8 +13,8 @@ rows that are a multiple of 256, the 32-block types a multiple of 32 (llama.cpp 
 back to another type otherwise; here such a choice is never offered). Sizes are exact without writing
 anything: a tensor's bytes are its blocks times the type's block bytes.
 
-Variants are kept under ``$AUTOCOMP_CACHE/gguf-variants/``, named by the reference's content, the
-type and the importance matrix, each written under a temporary name and renamed (complete or absent).
+Variants are kept under ``$AUTOCOMP_CACHE/gguf-variants/``, named by the reference (its header
+bytes, size and modification time), the type and the importance matrix, each written under a temporary name and renamed (complete or absent).
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from autocomp.errors import EngineError, PlanError
+from autocomp.llamacpp import gguf_raw
 from autocomp.llamacpp.binding import TYPES
 from autocomp.llamacpp.imatrix import digest as imatrix_digest
-from autocomp.llamacpp import gguf_raw
 from autocomp.llamacpp.quantize import quantize
-
 
 
 @dataclass(frozen=True)
