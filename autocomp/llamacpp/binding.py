@@ -78,5 +78,4 @@ def preset_id(name: str) -> int:
     key = str(name).upper()
     if key not in PRESETS:
         raise PlanError(f"unknown llama.cpp preset {name!r}: use one of {', '.join(PRESETS)}")
-    attr = "LLAMA_FTYPE_ALL_F32" if key == "F32" else f"LLAMA_FTYPE_MOSTLY_{key}"
-    return int(getattr(lib(), attr))
+    return int(getattr(lib(), f"LLAMA_FTYPE_MOSTLY_{key}"))
