@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 
 SMALL = ["--eval-windows", "4", "--eval-seq-len", "64", "--calib-windows", "4", "--calib-seq-len", "64", "--no-progress"]
 
@@ -81,19 +83,20 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """A reader's storage: it waits for a writing search's SQLite locks; PostgreSQL through psycopg2."""
+def open_storage(url: str, lock_timeout: float = 60) -> optuna.storages.RDBStorage:
+    """A reader's storage: it waits up to ``lock_timeout`` s for a writing search's SQLite locks;
+    PostgreSQL through psycopg2."""
     if url.startswith("sqlite"):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": lock_timeout}})
     from cluster import sqlalchemy_url
 
     return optuna.storages.RDBStorage(sqlalchemy_url(url))
 
 
-def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+def trials_of(url: str, name: str, lock_timeout: float = 60) -> list[optuna.trial.FrozenTrial]:
     """Every trial of study ``name`` (none while the study does not exist yet)."""
     try:
-        return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=True)
+        return optuna.load_study(study_name=name, storage=open_storage(url, lock_timeout)).get_trials(deepcopy=True)
     except KeyError:
         return []
 
@@ -154,3 +157,27 @@ def just_started(trials, accept, min_complete: int = 2):
             if time.time() - t.datetime_start.timestamp() < window:
                 return t
     return None
+
+
+
+def stop_mid_trial(url: str, name: str, proc: subprocess.Popen, log: Path, accept, what: str,
+                   min_complete: int = 2, timeout: float = 300):
+    """Stop (SIGSTOP) the process of a trial that just started (``just_started``) and return
+    ``(trial, before)`` once the storage shows that trial still RUNNING with the process stopped:
+    a SIGKILL sent next surely lands mid-trial, however fast trials run on a loaded machine.
+    ``before`` maps each trial finished by then to its values. A trial that finished between being
+    seen and being stopped lets its process go on (SIGCONT), and the next one is tried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        trial = wait_for(proc, log, lambda: just_started(trials_of(url, name), accept, min_complete), what,
+                         max(deadline - time.monotonic(), 1))
+        pid = trial.user_attrs["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # a short lock wait: the stopped process may hold SQLite's write lock (then: try again)
+            now = {t.number: t for t in trials_of(url, name, lock_timeout=2)}
+        except sqlalchemy.exc.OperationalError:
+            now = {}
+        if trial.number in now and now[trial.number].state == RUNNING:
+            return trial, {t.number: t.values for t in now.values() if t.state == COMPLETE}
+        os.kill(pid, signal.SIGCONT)

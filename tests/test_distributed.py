@@ -13,7 +13,7 @@ import sys
 
 import pytest
 from cli_helpers import (COMPLETE, FAIL, RUNNING, assert_ok, assert_recovered, cli_command, cli_env, just_started,
-                         trials_of, wait_for)
+                         stop_mid_trial, trials_of, wait_for)
 from cluster import start_private_ray_cluster
 
 pytestmark = pytest.mark.cluster
@@ -45,10 +45,9 @@ def _start_ray_search(model, url: str, name: str, n: int, address: str, tmp_path
     return command, proc, log
 
 
-def _running_ray_trial(url, name, min_complete: int, node: str | None = None):
-    """A Ray trial (on ``node``, if given) that just started (cli_helpers.just_started)."""
-    return just_started(trials_of(url, name), lambda t: t.user_attrs.get("backend") == "ray"
-                        and (node is None or t.user_attrs.get("node") == node), min_complete)
+def _is_ray_trial(node: str | None = None):
+    """Whether a trial runs in a Ray actor (on ``node``, if given)."""
+    return lambda t: t.user_attrs.get("backend") == "ray" and (node is None or t.user_attrs.get("node") == node)
 
 
 def _check_recovered(trials, lost, n_trials: int, before: dict):
@@ -76,9 +75,8 @@ def test_a_lost_ray_node_leaves_the_study_complete(tiny_models, tmp_path, cache_
         n = 8
         _, proc, log = _start_ray_search(tiny_models["llama"], url, "node", n, cluster.address, tmp_path, cache_dir)
         try:
-            lost = wait_for(proc, log, lambda: _running_ray_trial(url, "node", 2, node=doomed),
-                             "a trial ran on the worker node after 2 finished")
-            before = {t.number: t.values for t in trials_of(url, "node") if t.state == COMPLETE}
+            lost, before = stop_mid_trial(url, "node", proc, log, _is_ray_trial(doomed),
+                                          "a trial ran on the worker node after 2 finished")
             # a lost machine loses all its processes: the node's raylet and agents (its process group) and the
             # Ray worker running the trial (Ray gives workers their own process groups)
             cluster.kill_node(0)
@@ -110,9 +108,12 @@ def test_the_driver_killed_mid_study_resumes_when_run_again(ray_address, tiny_mo
     command, proc, log = _start_ray_search(tiny_models["llama"], url, "driver", n, ray_address, tmp_path, cache_dir,
                                            windows=384, start_new_session=True)
     try:
-        lost = wait_for(proc, log, lambda: _running_ray_trial(url, "driver", 3), "a trial ran after 3 finished")
-        before = {t.number: t.values for t in trials_of(url, "driver") if t.state == COMPLETE}
+        lost, before = stop_mid_trial(url, "driver", proc, log, _is_ray_trial(), "a trial ran after 3 finished", 3)
         os.killpg(proc.pid, signal.SIGKILL)   # the driver and anything it started; Ray then ends its actors
+        try:
+            os.kill(lost.user_attrs["pid"], signal.SIGKILL)   # stopped, the lost trial's actor waits for no Ray
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -144,7 +145,8 @@ def test_ctrl_c_stops_a_ray_search_cleanly_and_the_next_run_resumes(ray_address,
     command, proc, log = _start_ray_search(tiny_models["llama"], url, "sigint", n, ray_address, tmp_path, cache_dir,
                                            windows=384, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        wait_for(proc, log, lambda: _running_ray_trial(url, "sigint", 3), "a trial ran after 3 finished")
+        wait_for(proc, log, lambda: just_started(trials_of(url, "sigint"), _is_ray_trial(), 3),
+                 "a trial ran after 3 finished")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log.read_text()[-5000:]
     finally:

@@ -74,6 +74,9 @@ def test_resident_bytes_counts_shared_storage_once(tiny_models):
     ({"repeats": 0}, ["repeats", "positive"]),
     ({"prompt_len": 1.5}, ["prompt_len"]),
     ({"margin": -1}, ["margin"]),
+    ({"engine": "onnx"}, ["engine", "torch", "llamacpp"]),
+    ({"engine": "llamacpp", "device": "cuda"}, ["llamacpp", "--latency-device cpu"]),
+    ({"engine": "llamacpp", "batch": 2}, ["llamacpp", "--latency-batch 1"]),
 ])
 def test_latency_spec_refuses_bad_settings(kwargs, words):
     with pytest.raises(BudgetError) as err:
@@ -119,6 +122,15 @@ def test_old_specs_keep_their_hash():
     assert timed.digest() != digest
     again = StudySpec.from_dict(json.loads(json.dumps(timed.to_dict())))
     assert again.latency == FAST and again.budgets.max_latency_ms == 9 and again.digest() == timed.digest()
+    assert "engine" not in timed.to_dict()["latency"]     # the default engine: stored as before engines existed
+    old = timed.to_dict()
+    assert StudySpec.from_dict(old).latency.engine == "torch"
+    gguf = StudySpec(model="m", space=SearchSpace.load("llamacpp"), budgets=Budgets(max_latency_ms=9),
+                     latency=LatencySpec(engine="llamacpp"))
+    assert StudySpec.from_dict(json.loads(json.dumps(gguf.to_dict()))).latency.engine == "llamacpp"
+    with pytest.raises(StudyError, match="deploy_target: llamacpp"):
+        StudySpec(model="m", space=SearchSpace.load("bits"), budgets=Budgets(max_latency_ms=9),
+                  latency=LatencySpec(engine="llamacpp"))
     with pytest.raises(StudyError, match="latency measurement settings"):
         StudySpec(model="m", space=SearchSpace.load("bits"), budgets=Budgets(max_latency_ms=9))
     with pytest.raises(StudyError, match="latency_ms"):
@@ -182,11 +194,10 @@ class _FakeEvaluator:
     def compress(self, per_layer, student=None):
         self.plan = None
 
-    def current(self):
-        return None, [], {"bits": self.plan.default.bits}
+    def remeasured_latency(self):
+        from autocomp.latency.trial import remeasure_entry
 
-    def compressed_weights(self):
-        return {}
+        return remeasure_entry(None, [], {}, {"bits": self.plan.default.bits}, FAST)
 
 
 def test_front_is_remeasured_until_every_member_meets_the_budget(tmp_path, monkeypatch):

@@ -245,3 +245,79 @@ def test_cli_unreadable_gguf_and_missing_extra_are_one_line(wide, tmp_path, caps
     assert main(["llamacpp", "score", "--model", str(wide[0]), "--gguf", str(wide[1])]) == 2
     err = capsys.readouterr().err.strip()
     assert "autocomp[llamacpp]" in err and err.count("\n") == 0
+
+
+# ---- a study timed in llama.cpp: --latency-engine llamacpp ---------------------------------------
+
+LLAMACPP_LATENCY = ["--objectives", "perplexity,latency_ms", "--latency-engine", "llamacpp", "--latency-threads", "1",
+                    "--latency-prompt-len", "16", "--latency-new-tokens", "8", "--latency-repeats", "3"]
+
+
+def test_a_study_timed_in_llama_cpp_resumes_after_a_kill_and_exports_the_gguf_it_timed(wide, tmp_path, cache_dir):
+    """``--space llamacpp --latency-engine llamacpp``: every measured trial was timed on the GGUF file
+    its export writes; a search killed (SIGKILL) mid-trial resumes with the same command, the lost
+    trial failed and run again once; the front is re-measured in llama.cpp; the export of a front
+    member is a GGUF file that llama.cpp runs, with the types its plan names."""
+    import signal
+    import subprocess
+
+    from cli_helpers import (COMPLETE, assert_ok, assert_recovered, cli_command, cli_env, search_args, sqlite_url,
+                             stop_mid_trial, trials_of)
+
+    from autocomp import api
+    from autocomp.llamacpp.quantize import tensor_types as types_of
+
+    folder, _ = wide
+    url, n = sqlite_url(tmp_path / "study.db"), 6
+    windows = ["--eval-windows", "8", "--eval-seq-len", "64", "--calib-windows", "4", "--calib-seq-len", "64",
+               "--no-progress"]
+    args = [str(a) for a in search_args(folder, url, "gguf", n, "--no-validate", *LLAMACPP_LATENCY,
+                                         space="llamacpp", windows=windows)]
+    log = tmp_path / "search.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cli_command() + args, cwd=tmp_path, env=cli_env(cache_dir), stdout=fh,
+                                stderr=subprocess.STDOUT)
+    try:
+        lost, before = stop_mid_trial(url, "gguf", proc, log, lambda t: "pid" in t.user_attrs and "worker" in t.user_attrs,
+                                      "a trial ran after 2 finished")
+        os.kill(lost.user_attrs["pid"], signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    again = subprocess.run(cli_command() + args, cwd=tmp_path, env=cli_env(cache_dir), capture_output=True,
+                           text=True, timeout=600)
+    assert_ok(again)
+    trials = trials_of(url, "gguf")
+    assert_recovered(trials, lost, n, before)
+    done = [t for t in trials if t.state == COMPLETE]
+    measured = [t.user_attrs["metrics"] for t in done if t.user_attrs["metrics"]["latency_measured"] == 1.0]
+    assert measured and all(m["gguf_bytes"] > 0 and m["latency_ms"] > 0 and m["prefill_ms"] > 0 for m in measured)
+    assert "(llamacpp)" in again.stdout + again.stderr        # the front, re-measured in llama.cpp
+    front = api.pareto(url, "gguf")
+    assert front and all(r.metrics["latency_remeasured"] == 1.0 for r in front)
+    member = min(front, key=lambda r: r.metrics["size_mb"])
+    out = api.export(url, "gguf", member.trial, tmp_path / "export")
+    gguf_path = out / GGUF_FILE
+    plan = CompressionPlan.from_dict(member.plan)
+    from autocomp.exporters.gguf_file import GGUFLayout
+    from transformers import AutoModelForCausalLM
+
+    layout = GGUFLayout.of(AutoModelForCausalLM.from_pretrained(folder))
+    expected = {f"{layout.gguf_name(name)}.weight": {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}[lp.bits]
+                for name, lp in plan.layers if lp.bits < 16}
+    assert expected and {name: types_of(gguf_path)[name] for name in expected} == expected
+    with LlamaCppModel(gguf_path, 64, 1) as llm:
+        scores, _ = llm.score(_ids(2, 64, llm.vocab, seed=3))
+    assert 1 < scores.perplexity < 1e4
+    assert member.metrics["gguf_bytes"] == pytest.approx(gguf_path.stat().st_size, rel=0.01)   # the file it timed
+
+
+def test_the_llamacpp_latency_engine_needs_a_llamacpp_space(wide, tmp_path, capsys):
+    from autocomp.cli import main
+
+    code = main(["search", "--model", str(wide[0]), "--space", "bits", "--trials", "2", "--no-progress",
+                 "--storage", f"sqlite:///{tmp_path / 's.db'}", "--study-name", "x", *LLAMACPP_LATENCY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "deploy_target: llamacpp" in err and err.count("\n") == 0
+    assert not (tmp_path / "s.db").exists()      # refused before any study was touched

@@ -63,8 +63,12 @@ def add_export_format(p: argparse.ArgumentParser) -> None:
 def add_latency(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latency measurement (used by --max-latency-ms, --max-memory-mb and the "
                              "latency_ms / memory_mb objectives)")
+    g.add_argument("--latency-engine", default="torch", choices=["torch", "llamacpp"],
+                   help="what runs the timed model: torch with autocomp's kernels (default), or llama.cpp on the "
+                        "GGUF file each candidate exports to (spaces with deploy_target llamacpp; needs the "
+                        "llamacpp extra)")
     g.add_argument("--latency-device", default="cpu", choices=["cpu", "cuda"], help="device to measure on (default cpu)")
-    g.add_argument("--latency-threads", type=int, default=0, metavar="N", help="torch threads (default 0: all cores)")
+    g.add_argument("--latency-threads", type=int, default=0, metavar="N", help="threads (default 0: all cores)")
     g.add_argument("--latency-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="activation and dense-weight dtype of the deployed model (default float32)")
     g.add_argument("--latency-batch", type=int, default=1, metavar="B", help="sequences at once (default 1)")
@@ -88,7 +92,8 @@ def latency_spec(args: argparse.Namespace, budgets, objectives: Sequence[str]):
         return None
     return LatencySpec(device=args.latency_device, threads=args.latency_threads, dtype=args.latency_dtype,
                        batch=args.latency_batch, prompt_len=args.latency_prompt_len, new_tokens=args.latency_new_tokens,
-                       repeats=args.latency_repeats, metric=args.latency_metric, dynamic_int8=args.dynamic_int8)
+                       repeats=args.latency_repeats, metric=args.latency_metric, dynamic_int8=args.dynamic_int8,
+                       engine=args.latency_engine)
 
 
 def add_validation(p: argparse.ArgumentParser, in_search: bool) -> None:

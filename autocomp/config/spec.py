@@ -53,6 +53,10 @@ class StudySpec:
         if wants and self.latency is None:
             raise StudyError(f"{', '.join(wants)} needs latency measurement settings (a LatencySpec; the CLI "
                              "makes one from --latency-device, --latency-threads, ...)")
+        if self.latency is not None and self.latency.engine == "llamacpp" and self.space.deploy_target != "llamacpp":
+            raise StudyError(f"the llamacpp latency engine times the GGUF file each candidate exports to, but space "
+                             f"{self.space.name!r} has no 'deploy_target: llamacpp' (its candidates need not fit GGUF's "
+                             "blocks); search such a space (e.g. --space llamacpp) or use --latency-engine torch")
         if self.sampler not in SAMPLERS:
             raise StudyError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.bos not in BOS_MODES:

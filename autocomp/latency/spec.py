@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from autocomp.errors import BudgetError
 
+ENGINES = ("torch", "llamacpp")   # who runs the timed model: autocomp's kernels in torch, or llama.cpp
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 METRICS = ("decode", "prefill")
@@ -14,11 +15,15 @@ METRICS = ("decode", "prefill")
 
 @dataclass(frozen=True)
 class LatencySpec:
-    """How latency is measured; part of a study's specification when latency is searched."""
+    """How latency is measured; part of a study's specification when latency is searched.
+
+    ``engine`` ``torch`` times the model with autocomp's kernels (:mod:`autocomp.latency.trial`);
+    ``llamacpp`` times the GGUF file the candidate exports to, in llama.cpp on the CPU
+    (:mod:`autocomp.llamacpp.latency`; ``dtype`` and ``dynamic_int8`` do not apply there)."""
 
     device: str = "cpu"
-    threads: int = 0               # 0: torch's default (all cores)
-    dtype: str = "float32"         # activations and dense weights
+    threads: int = 0               # 0: the engine's default (all cores)
+    dtype: str = "float32"         # activations and dense weights (torch engine)
     batch: int = 1
     prompt_len: int = 128
     new_tokens: int = 16
@@ -28,8 +33,14 @@ class LatencySpec:
     dynamic_int8: bool = False     # run 8-bit per-channel layers with int8 activations (approximate)
     margin: float = 0.25           # skip measuring when the table predicts > budget * (1 + margin)
     seed: int = 0
+    engine: str = "torch"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise BudgetError(f"latency engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "llamacpp" and (self.device != "cpu" or self.batch != 1):
+            raise BudgetError("the llamacpp latency engine times one sequence on the CPU: use --latency-device cpu "
+                              "and --latency-batch 1")
         if self.device not in DEVICES:
             raise BudgetError(f"latency device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
@@ -52,7 +63,12 @@ class LatencySpec:
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The stored form; the default engine is left out, so studies stored before engines existed
+        keep their hash."""
+        out = asdict(self)
+        if out["engine"] == "torch":
+            del out["engine"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "LatencySpec":

@@ -121,7 +121,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class _RssPeak:
+class RssPeak:
     """Samples the process's resident set in a thread; ``peak`` is the largest seen."""
 
     def __init__(self, period_s: float = 0.001) -> None:
@@ -137,7 +137,7 @@ class _RssPeak:
             self.peak = max(self.peak, _rss_bytes())
             self._stop.wait(self.period_s)
 
-    def __enter__(self) -> "_RssPeak":
+    def __enter__(self) -> "RssPeak":
         if self.available:
             self._thread.start()
         return self
@@ -237,7 +237,7 @@ def measure_latency(model: nn.Module, spec: LatencySpec, vocab_size: int | None 
             torch.cuda.reset_peak_memory_stats(device)
             base_alloc = torch.cuda.memory_allocated(device)
         prefill, decode = [], []
-        with _RssPeak() as rss:
+        with RssPeak() as rss:
             for _ in range(spec.repeats):
                 p, d = run_once()
                 prefill.append(p)

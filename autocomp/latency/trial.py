@@ -15,7 +15,7 @@ import copy
 import gc
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +25,10 @@ from autocomp.latency.spec import LatencySpec
 from autocomp.config.objectives import Budgets
 from autocomp.config.plan import LayerPlan
 from autocomp.inputs.targets import Target, find_decoder_blocks
+
+if TYPE_CHECKING:
+    from autocomp.inputs.models import LoadedModel
+    from autocomp.pipeline.apply import AppliedPlan
 
 MB = 1_000_000
 
@@ -61,14 +65,40 @@ def measure_deployed(model: nn.Module, targets: list[Target], compressed: Mappin
     return result, report
 
 
-class LatencyEvaluator:
-    """Per-trial latency and memory for a study (see module docstring)."""
+def remeasure_entry(model: nn.Module, targets: list[Target], compressed: Mapping[str, Any],
+                    plans: Mapping[str, LayerPlan], spec: LatencySpec) -> dict[str, Any]:
+    """One end-to-end measurement of a front member with real kernels: its latency metrics, kernel
+    counts, the layers without a kernel (and why) and the settings."""
+    result, report = measure_deployed(model, targets, compressed, plans, spec)
+    return result.metrics(spec.metric) | kernel_summary(report) | {"no_kernel": report.reasons(),
+                                                                 "settings": result.settings}
 
-    def __init__(self, spec: LatencySpec, budgets: Budgets, model: nn.Module, targets: list[Target],
-                 table_dir: str | Path | None = None) -> None:
+
+def latency_engine(spec: LatencySpec, budgets: Budgets, loaded: "LoadedModel", dense: "AppliedPlan",
+                   dense_bytes: int, table_dir: str | Path | None = None):
+    """The latency engine ``spec.engine`` names, built on the dense model ``dense`` (accounted at
+    ``dense_bytes``): :class:`LatencyEvaluator` (torch) or
+    :class:`~autocomp.llamacpp.latency.LlamaCppLatency` (llamacpp)."""
+    if spec.engine == "llamacpp":
+        from autocomp.llamacpp.latency import LlamaCppLatency
+
+        return LlamaCppLatency(spec, budgets, loaded, dense, dense_bytes, table_dir)
+    return LatencyEvaluator(spec, budgets, loaded, dense, dense_bytes, table_dir)
+
+
+class LatencyEvaluator:
+    """Per-trial latency and memory for a study, in torch with autocomp's kernels (see module docstring).
+
+    The latency-engine interface (:func:`latency_engine`; :class:`~autocomp.llamacpp.latency.LlamaCppLatency`
+    is the other): ``dense_metrics()``, ``trial_metrics(applied, metrics, infeasible)`` and
+    ``remeasure(applied)``, each given the :class:`~autocomp.pipeline.apply.AppliedPlan` to time."""
+
+    def __init__(self, spec: LatencySpec, budgets: Budgets, loaded: "LoadedModel", dense: "AppliedPlan",
+                 dense_bytes: int, table_dir: str | Path | None = None) -> None:
         from autocomp.latency.table import LatencyModel, LatencyTable
 
         spec.check_device()
+        model, targets = dense.model, dense.targets
         self.spec, self.budgets = spec, budgets
         self.dense, _ = measure_deployed(model, targets, {}, {}, spec)
         self.dense_params = _params(model)
@@ -86,11 +116,12 @@ class LatencyEvaluator:
         budget = self.budgets.max_latency_ms
         return budget is not None and predicted_ms > budget * (1.0 + self.spec.margin)
 
-    def trial_metrics(self, model: nn.Module, targets: list[Target], plans: Mapping[str, LayerPlan],
-                      compressed: Callable[[], Mapping[str, Any]], infeasible: bool = False) -> dict[str, float]:
-        """Latency metrics of ``model`` under ``plans``: predicted always; measured unless the prediction
+    def trial_metrics(self, applied: "AppliedPlan", metrics: Mapping[str, float],
+                      infeasible: bool = False) -> dict[str, float]:
+        """Latency metrics of the model ``applied`` holds: predicted always; measured unless the prediction
         is hopeless for the budget or the candidate is ``infeasible`` on another budget already (its
         latency cannot make it feasible), in which case the prediction stands in (``latency_measured`` 0)."""
+        model, targets, plans = applied.model, applied.targets, applied.per_layer
         pred = self.predict(model, targets, plans)
         predicted = pred.latency_ms(self.spec.metric)
         out = {"latency_predicted_ms": predicted, "prefill_predicted_ms": pred.prefill_ms,
@@ -98,12 +129,17 @@ class LatencyEvaluator:
         if infeasible or self.hopeless(predicted):
             return out | {"latency_ms": predicted, "prefill_ms": pred.prefill_ms, "decode_ms": pred.decode_ms,
                           "memory_mb": self.predicted_memory_mb(model), "latency_measured": 0.0}
-        result, report = measure_deployed(model, targets, compressed(), plans, self.spec)
+        result, report = measure_deployed(model, targets, applied.compressed_weights(), plans, self.spec)
         measured = result.latency_ms(self.spec.metric)
         return out | result.metrics(self.spec.metric) | kernel_summary(report) | {
             "latency_measured": 1.0,
             "latency_table_error_pct": 100.0 * (predicted - measured) / measured if measured > 0 else math.nan,
         }
+
+    def remeasure(self, applied: "AppliedPlan") -> dict[str, Any]:
+        """The re-measured front's entry for ``applied`` (:mod:`autocomp.study.remeasure`)."""
+        return remeasure_entry(applied.model, applied.targets, applied.compressed_weights(), applied.per_layer,
+                               self.spec)
 
     def predicted_memory_mb(self, model: nn.Module) -> float:
         """Stand-in memory of an unmeasured candidate: the dense run's peak scaled by parameters

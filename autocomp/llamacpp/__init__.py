@@ -8,5 +8,7 @@ llama.cpp's own logits, and timed in llama.cpp.
 * :mod:`.variants`: one quantized copy of the reference per type, and candidates assembled from
   their tensors without quantizing again;
 * :mod:`.runtime`: a GGUF file loaded in llama.cpp: perplexity and KL to a reference, prefill and
-  decode times.
+  decode times;
+* :mod:`.latency`: the ``llamacpp`` latency engine of a study (``--latency-engine llamacpp``): each
+  candidate timed as the GGUF file its export writes.
 """

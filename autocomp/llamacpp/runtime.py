@@ -77,24 +77,35 @@ class LlamaCppModel:
         self.close()
 
 
+def timed_runs(model: LlamaCppModel, tokens: list[int], prompt: int, runs: int) -> tuple[list[float], list[float]]:
+    """``runs`` runs of ``tokens`` from an empty cache each: the first ``prompt`` as one prompt, then
+    one token at a time. Returns (prefill ms per run, decode ms per token per run)."""
+    decode = max(len(tokens) - prompt, 1)
+    prefill_ms, decode_ms = [], []
+    for _ in range(runs):
+        model.llm.reset()
+        start = time.perf_counter()
+        model.llm.eval(tokens[:prompt])
+        mid = time.perf_counter()
+        for token in tokens[prompt:]:
+            model.llm.eval([token])
+        end = time.perf_counter()
+        prefill_ms.append((mid - start) * 1e3)
+        decode_ms.append((end - mid) * 1e3 / decode)
+    return prefill_ms, decode_ms
+
+
+def random_tokens(vocab: int, n: int, seed: int) -> list[int]:
+    """``n`` reproducible random token ids below ``vocab`` (what is timed does not depend on the text)."""
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def measure(path: str | Path, threads: int, prompt: int, decode: int, repeats: int = 3, seed: int = 0) -> Timing:
     """Prefill and decode times (best of ``repeats``) of the GGUF file at ``path`` on random tokens,
     with logits for the last position only (as a server computes them)."""
-    gen = torch.Generator().manual_seed(seed)
     with LlamaCppModel(path, prompt + decode, threads, logits_all=False) as model:
-        tokens = torch.randint(0, model.vocab, (prompt + decode,), generator=gen).tolist()
-        best_prefill = best_decode = float("inf")
-        for _ in range(repeats):
-            model.llm.reset()
-            start = time.perf_counter()
-            model.llm.eval(tokens[:prompt])
-            mid = time.perf_counter()
-            for token in tokens[prompt:]:
-                model.llm.eval([token])
-            end = time.perf_counter()
-            best_prefill = min(best_prefill, mid - start)
-            best_decode = min(best_decode, (end - mid) / max(decode, 1))
-    return Timing(best_prefill * 1e3, best_decode * 1e3, threads, prompt, decode)
+        prefill_ms, decode_ms = timed_runs(model, random_tokens(model.vocab, prompt + decode, seed), prompt, repeats)
+    return Timing(min(prefill_ms), min(decode_ms), threads, prompt, decode)
 
 
 def reference(path: str | Path, input_ids: torch.Tensor, topk: int, threads: int) -> DenseReference:

@@ -92,9 +92,11 @@ class TrialEvaluator:
                                  "distill_steps": 0.0, "seconds_distill": 0.0}
         self.latency = None
         if spec.latency is not None:
-            from autocomp.latency.trial import LatencyEvaluator
+            from autocomp.latency.trial import latency_engine
 
-            self.latency = LatencyEvaluator(spec.latency, spec.budgets, model, self.all_targets, cache_root() / "latency")
+            self.compress({})   # the dense model, as an applied plan
+            self.latency = latency_engine(spec.latency, spec.budgets, self.loaded, self.applier.current,
+                                          self.dense.size_bytes, cache_root() / "latency")
         self.teacher_dims: dict[str, int] = {}
         if spec.space.student is not None:
             from autocomp.students.prune import teacher_dims
@@ -185,24 +187,19 @@ class TrialEvaluator:
         size = model_size(applied.model, applied.targets, applied.per_layer)
         return size if applied.student is None else replace(size, dense_bytes=self.dense.size_bytes)
 
-    def compressed_weights(self) -> dict:
-        """``{target: CompressedWeight}`` (codes, scales, masks) of the model :meth:`compress` made last."""
-        return self.applier.current.compressed_weights()
-
-    def current(self) -> tuple[Any, list[Target], dict[str, LayerPlan]]:
-        """(model, all its targets, per-layer plan) as :meth:`compress` left them."""
-        applied = self.applier.current
-        return applied.model, applied.targets, dict(applied.per_layer)
-
     def latency_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """Latency and memory of the current model (:class:`~autocomp.latency.trial.LatencyEvaluator`);
-        a candidate already over a quality or size budget is not measured, only predicted."""
+        """Latency and memory of the current model in the study's latency engine
+        (:func:`~autocomp.latency.trial.latency_engine`); a candidate already over a quality or size
+        budget is not measured, only predicted."""
         if self.latency is None:
             return {}
         quality_budgets = replace(self.spec.budgets, max_latency_ms=None, max_memory_mb=None)
         infeasible = not quality_budgets.feasible(metrics, self.dense.perplexity)
-        model, targets, plan = self.current()
-        return self.latency.trial_metrics(model, targets, plan, self.compressed_weights, infeasible)
+        return self.latency.trial_metrics(self.applier.current, metrics, infeasible)
+
+    def remeasured_latency(self) -> dict:
+        """One end-to-end latency measurement of the current model, alone, for the re-measured front."""
+        return self.latency.remeasure(self.applier.current)
 
     def evaluate(self, plan: Mapping[str, LayerPlan], screen: "Screen | None" = None,
                  student: "StudentSpec | None" = None) -> dict[str, float]:

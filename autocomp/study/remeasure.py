@@ -2,9 +2,9 @@
 
 Latencies taken during the search are taken while other trials may share the machine (several
 workers, Ray actors), and some candidates were never measured (the lookup table judged them
-hopeless). Before a front is reported, every candidate on it is rebuilt from its stored plan,
-materialised with real kernels and measured again, alone, with the study's latency settings. The
-result is stored per trial in the study (``autocomp_remeasured``) and from then on replaces the search's
+hopeless). Before a front is reported, every candidate on it is rebuilt from its stored plan, run
+by the study's latency engine (real kernels in torch, or its GGUF file in llama.cpp) and measured
+again, alone, with the study's latency settings. The result is stored per trial in the study (``autocomp_remeasured``) and from then on replaces the search's
 figure wherever the study is read (:func:`autocomp.front.load_records`): a candidate whose re-measured
 latency breaks the budget leaves the front, the next candidates enter it and are measured in turn,
 until every member of the feasible front has a re-measured latency. Interrupted, it resumes where it
@@ -45,7 +45,6 @@ def remeasure_front(storage_url: str, study_name: str, evaluator=None, echo: Cal
     ``evaluator``: a :class:`~autocomp.study.evaluate.TrialEvaluator` of this study already holding the
     model (the search's own); None loads one, which a study whose model runs its own code allows only
     with ``trust_remote_code`` (StudyError otherwise, before anything is loaded)."""
-    from autocomp.latency.trial import kernel_summary, measure_deployed
     from autocomp.front import pareto_front
     from autocomp.store.records import load_records
     from autocomp.config.plan import CompressionPlan
@@ -78,18 +77,15 @@ def remeasure_front(storage_url: str, study_name: str, evaluator=None, echo: Cal
         for record in todo:
             plan = CompressionPlan.from_dict(record.plan, where=f"trial {record.trial} plan")
             evaluator.compress_plan(plan)
-            model, targets, per_layer = evaluator.current()
-            result, report = measure_deployed(model, targets, evaluator.compressed_weights(), per_layer, spec.latency)
-            entry = result.metrics(spec.latency.metric) | kernel_summary(report)
-            entry["no_kernel"] = report.reasons()
-            entry["settings"] = result.settings
+            entry = evaluator.remeasured_latency()
             stored[str(record.trial)] = entry
             study.set_user_attr(REMEASURED_ATTR, stored)  # one by one: an interrupted run resumes
             outcome.measured[record.trial] = entry
             before = record.metrics.get("latency_ms", math.nan)
             echo(f"trial {record.trial}: re-measured {spec.latency.metric} latency {entry['latency_ms']:.4g} ms "
-                 f"(search: {before:.4g} ms), peak memory {entry['memory_mb']:.4g} MB, "
-                 f"{int(entry['kernel_layers'])} layers on kernels, {int(entry['no_kernel_layers'])} without")
+                 f"(search: {before:.4g} ms), peak memory {entry['memory_mb']:.4g} MB"
+                 + (f", {int(entry['kernel_layers'])} layers on kernels, {int(entry['no_kernel_layers'])} without"
+                    if "kernel_layers" in entry else f" ({entry['settings'].get('engine', 'torch')})"))
         evaluator.compress({})
         records = load_records(storage_url, study_name)
     else:

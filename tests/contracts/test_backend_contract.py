@@ -37,8 +37,8 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import (COMPLETE, FAIL, RUNNING, SMALL, WAITING, assert_evaluated_once, assert_ok, assert_recovered,
-                         assert_target_reached, cli_command, cli_env, count, just_started, search_args, sqlite_url,
-                         trials_of, wait_for)
+                         assert_target_reached, cli_command, cli_env, count, search_args, sqlite_url, stop_mid_trial,
+                         trials_of)
 
 TIMEOUT_S = 300
 
@@ -288,11 +288,13 @@ def test_resume_runs_only_the_missing_trials(backend, model, tmp_path):
     assert [(t.number, t.state, t.values, t.params) for t in trials_of(url, "resume")] == after
 
 
-def _just_started_trial(url: str, name: str, run: Run, backend: Backend, min_complete: int = 2):
-    """A trial that just started in one of ``run``'s workers (cli_helpers.just_started)."""
+def _stop_mid_trial(url: str, name: str, run: Run, backend: Backend):
+    """A trial that just started in one of ``run``'s workers, its process stopped while the trial runs
+    (cli_helpers.stop_mid_trial), and the trials finished by then."""
     # the owner is written as two attributes (pid, then worker): wait for both, the lost reason names either
-    return just_started(trials_of(url, name), lambda t: {"pid", "worker"} <= set(t.user_attrs)
-                        and backend.killable(run, t), min_complete)
+    return stop_mid_trial(url, name, run.procs[0], run.log(),
+                          lambda t: {"pid", "worker"} <= set(t.user_attrs) and backend.killable(run, t),
+                          "a trial ran after 2 finished", timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("backend", ["local", "workers", pytest.param("ray-cluster", marks=CLUSTER)], indirect=True)
@@ -301,9 +303,7 @@ def test_a_trial_whose_worker_dies_is_retried_once(backend, model, tmp_path):
     n = 6
     run = backend.start(model, url, "dies", n, tmp_path, backend.slow)
     try:
-        lost = wait_for(run.procs[0], run.log(), lambda: _just_started_trial(url, "dies", run, backend),
-                        "a trial ran after 2 finished", TIMEOUT_S)
-        before = {t.number: t.values for t in trials_of(url, "dies") if t.state == COMPLETE}
+        lost, before = _stop_mid_trial(url, "dies", run, backend)
         os.kill(lost.user_attrs["pid"], signal.SIGKILL)
         backend.after_kill(run, lost)
     finally:
