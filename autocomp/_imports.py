@@ -16,6 +16,10 @@ from types import ModuleType
 
 from autocomp.errors import DependencyError
 
+# llama-cpp-python has no wheel on PyPI: the extra compiles it
+LLAMA_CPP_INSTALL = ("pip install 'autocomp[llamacpp]' (or bash scripts/setup.sh --llama-cpp; it compiles llama.cpp, "
+                     "10-15 minutes)")
+
 
 def optional(module: str, needed_by: str, install: str) -> ModuleType:
     """Import ``module``; DependencyError("<needed_by>: package '<name>' is not installed; <install>")

@@ -107,8 +107,9 @@ def count(trials, state) -> int:
 
 def assert_evaluated_once(trials) -> None:
     """No configuration evaluated twice, except by the retry of a lost trial (``retry_of``) or as a
-    twin that took an earlier trial's figures (``reused_from``)."""
-    keys = [json.dumps(t.params, sort_keys=True) for t in trials
+    twin that took an earlier trial's figures (``reused_from``). A trial without sampled parameters
+    (a llama.cpp preset baseline) is named by its plan."""
+    keys = [json.dumps(t.params or t.user_attrs.get("plan"), sort_keys=True) for t in trials
             if t.state == COMPLETE and "reused_from" not in t.user_attrs and "retry_of" not in t.user_attrs]
     assert len(keys) == len(set(keys)), "a configuration was evaluated twice"
 

@@ -342,6 +342,24 @@ def test_variant_cache_rtn_roundtrip_and_key(llama_stats, tmp_path):
                                                                                     options={"act_order": True}), "digest-a")
 
 
+def test_a_ggml_variant_comes_back_from_disk_with_its_blocks(llama_stats, tmp_path):
+    """llama.cpp's blocks round-trip through the variant cache: the same bytes, type and weight."""
+    from optional_deps import llama_cpp_or_skip
+
+    llama_cpp_or_skip()
+    lm, _, stats = llama_stats
+    name = "model.layers.0.mlp.up_proj"
+    w = read_weight(get_module(lm.model, name)).clone()
+    lp = LayerPlan("ggml-imatrix", bits=3)
+    key = variant_key(lm.fingerprint, name, lp, "digest-a")
+    made = compress_weight(w, lp, stats[name])
+    assert made.quant.ggml_type == "IQ4_NL"     # 64 inputs: llama.cpp's fallback for Q3_K
+    LayerVariantCache(directory=tmp_path).get_compressed(key, lambda: made, persist=True)
+    back = LayerVariantCache(directory=tmp_path).get_compressed(key, lambda: pytest.fail("disk hit expected"))
+    assert back.quant.ggml_type == made.quant.ggml_type and back.quant.bits == 3
+    assert torch.equal(back.quant.codes, made.quant.codes) and torch.equal(back.weight, made.weight)
+
+
 def test_variant_cache_prune_keeps_the_recently_used(llama_stats, tmp_path):
     import os
     import time

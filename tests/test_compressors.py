@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from optional_deps import llama_cpp_or_skip
 
 from autocomp.pipeline.calibration import LayerStats, collect_input_stats
 from autocomp.pipeline.layer import compress_weight
@@ -19,7 +20,7 @@ from autocomp.compressors.registry import (
 )
 from autocomp.compressors.rtn import QuantizedWeight, group_quantize_weight, n_groups
 from autocomp.errors import PlanError
-from autocomp.evaluators.size import kept_weights
+from autocomp.evaluators.size import kept_weights, layer_size
 from autocomp.inputs.models import load_model
 from autocomp.config.plan import LayerPlan, split_method
 from autocomp.inputs.targets import find_targets, get_module, read_weight
@@ -282,8 +283,23 @@ def _expand_groups(per_group: torch.Tensor, gs: int, in_f: int) -> torch.Tensor:
     return per_group.repeat_interleave(gs, dim=1)[:, :in_f]
 
 
+def _check_ggml(w: torch.Tensor, qw: QuantizedWeight, bits: int) -> None:
+    """llama.cpp's blocks: the type its width and rows name, the bytes its size accounts, the weight
+    exactly what ggml de-quantizes them to, and close to the input."""
+    from autocomp.compressors.ggml import dequantize_rows, ggml_type, row_bytes
+
+    out_f, in_f = w.shape
+    assert qw.bits == bits and qw.ggml_type == ggml_type(bits, in_f) and qw.zeros is None
+    assert qw.codes.dtype == torch.uint8 and qw.codes.shape == (out_f, row_bytes(qw.ggml_type, in_f))
+    assert layer_size(out_f, in_f, LayerPlan(method="ggml", bits=bits)).bytes == qw.codes.numel()
+    assert torch.equal(dequantize_rows(qw.codes, qw.ggml_type, in_f), qw.weight)
+    assert float((qw.weight - w).pow(2).mean()) < 0.2 * float(w.pow(2).mean()), qw.ggml_type
+
+
 def _check_quantized(w: torch.Tensor, qw: QuantizedWeight, bits: int, group_size: int, symmetric: bool,
                      nearest: bool = True) -> None:
+    if qw.ggml_type is not None:
+        return _check_ggml(w, qw, bits)
     out_f, in_f = w.shape
     maxq = 2 ** bits - 1
     gs = in_f if group_size == -1 or group_size > in_f else group_size
@@ -459,11 +475,13 @@ def _plans_for(name: str) -> list[LayerPlan]:
     entry = get_compressor(name)
     if entry.kind == "prune":
         plans = [LayerPlan(method=name, sparsity=0.37), LayerPlan(method=name, pattern="2:4")]
-        for q in available_compressors("quant"):
+        for q in (q for q in available_compressors("quant") if get_compressor(q).holds_pruned):
             plans.append(LayerPlan(method=f"{name}+{q}", sparsity=0.5, bits=4, group_size=32))
             plans.append(LayerPlan(method=f"{name}+{q}", pattern="4:8", bits=3, group_size=-1, symmetric=True))
         return plans
     plans = [LayerPlan(method=name, bits=4, group_size=32), LayerPlan(method=name, bits=3, group_size=-1, symmetric=True)]
+    if not entry.holds_pruned:      # llama.cpp's blocks: no pruner before it (LayerPlan refuses the pair)
+        return plans
     for p in available_compressors("prune"):
         plans.append(LayerPlan(method=f"{p}+{name}", sparsity=0.5, bits=8, group_size=64))
         plans.append(LayerPlan(method=f"{p}+{name}", pattern="2:4", bits=4, group_size=32, symmetric=True))
@@ -486,6 +504,10 @@ def test_builtin_compressors_registered():
 
 @pytest.mark.parametrize("name", available_compressors())
 def test_compressor_contract(name, layers):
+    from autocomp.compressors.ggml import GGML_METHODS
+
+    if name in GGML_METHODS:
+        llama_cpp_or_skip()
     entry = get_compressor(name)
     # registry metadata is consistent
     assert entry.name == name

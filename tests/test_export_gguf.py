@@ -141,14 +141,10 @@ def test_an_architecture_without_a_gguf_writer_is_refused(tiny_models, tmp_path)
 def test_llama_cpp_runs_the_file_close_to_the_trial(arch, exports):
     """llama.cpp quantizes activations in its matmuls: perplexity within 2% of the float export's.
     Skipped without llama-cpp-python (a 10-15 minute source build), unless AUTOCOMP_REQUIRE_LLAMA_CPP=1 (CI)."""
-    import os
+    from optional_deps import llama_cpp_or_skip
 
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("AUTOCOMP_REQUIRE_LLAMA_CPP") == "1":
-            pytest.fail("llama-cpp-python is not installed (AUTOCOMP_REQUIRE_LLAMA_CPP=1)", pytrace=False)
-        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
+    llama_cpp_or_skip()
+    import llama_cpp
     import numpy as np
     from transformers import AutoModelForCausalLM
 

@@ -361,3 +361,31 @@ def test_latency_as_an_objective(tiny_models, tmp_path, cache_dir):
     assert all(t.user_attrs["metrics"]["latency_measured"] == 1.0 for t in done)  # no budget: nothing is hopeless
     front = json.loads(run_cli(["pareto", "--storage", url, "--study-name", "obj", "--json"], tmp_path, cache_dir).stdout)
     assert front and all(str(r["trial"]) in study.user_attrs["autocomp_remeasured"] for r in front)
+
+
+# ---- the llamacpp engine's prediction (no llama.cpp needed) --------------------------------------
+
+
+def test_llamacpp_prediction_is_fitted_per_gguf_type():
+    """Proportional to bytes where nothing was measured; fitted per type from measurements: a slow
+    type (Q5_0 here, as measured on gemma3-270m) does not make a fast one (Q4_0) look slow."""
+    from autocomp.llamacpp.latency import BytesModel
+
+    def truth(x):   # ms: 1 of overhead, then per MB of each type
+        return 1.0 + 10.0 * x.get("F16", 0) / 1e6 + 4.0 * x.get("Q4_0", 0) / 1e6 + 12.0 * x.get("Q5_0", 0) / 1e6
+
+    dense = {"F16": 2e6}
+    model = BytesModel(2e6, truth(dense))
+    assert model({"F16": 1e6}) == pytest.approx(truth(dense) / 2)         # nothing but the dense point yet
+    model.add(dense, truth(dense))
+    q4 = {"Q4_0": 0.56e6}
+    assert model(q4) == pytest.approx(truth(dense) * 0.56e6 / 2e6, rel=0.05)   # Q4_0 unmeasured: proportional
+    for point in ({"Q5_0": 0.69e6}, {"Q4_0": 0.56e6}, {"Q4_0": 0.3e6, "Q5_0": 0.3e6}, {"F16": 1e6, "Q4_0": 0.28e6}):
+        model.add(point, truth(point))
+    for mix in ({"Q4_0": 0.4e6, "Q5_0": 0.2e6}, {"F16": 0.5e6, "Q5_0": 0.4e6}, {"Q5_0": 0.69e6}):
+        assert model(mix) == pytest.approx(truth(mix), rel=0.02), mix
+    bytes_only = BytesModel(2e6, truth(dense))
+    for point in (dense, {"Q5_0": 0.69e6}, {"Q4_0": 0.56e6}):
+        bytes_only.add({"bytes": sum(point.values())}, truth(point))
+    # one coefficient for all bytes cannot hold both types: what the per-type fit is for
+    assert abs(bytes_only({"bytes": 0.69e6}) - truth({"Q5_0": 0.69e6})) > 0.1 * truth({"Q5_0": 0.69e6})

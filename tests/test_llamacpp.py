@@ -7,21 +7,19 @@ llama-cpp-python unless AUTOCOMP_REQUIRE_LLAMA_CPP=1 (CI), where it fails instea
 
 from __future__ import annotations
 
-import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from optional_deps import llama_cpp_or_skip
 
 import autocomp
 from autocomp.config.plan import CompressionPlan, LayerPlan
 from autocomp.errors import DependencyError, EngineError, ModelLoadError, PlanError
 from autocomp.exporters.gguf_file import GGUF_FILE
 
-if importlib.util.find_spec("llama_cpp") is None:
-    if os.environ.get("AUTOCOMP_REQUIRE_LLAMA_CPP") == "1":
-        raise ImportError("llama-cpp-python is not installed (AUTOCOMP_REQUIRE_LLAMA_CPP=1)")
-    pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')", allow_module_level=True)
+llama_cpp_or_skip(module_level=True)
 
 from autocomp.llamacpp import gguf_raw  # noqa: E402
 from autocomp.llamacpp.imatrix import importance_matrix  # noqa: E402
@@ -89,6 +87,46 @@ def test_assembled_candidate_is_the_file_llama_cpp_writes_for_the_same_types(wid
     assert assembled.stat().st_size == variants.file_bytes(mix)
     # gguf-py reads the assembled file and the types back
     assert {n: t for n, t in tensor_types(assembled).items() if n in mix} == mix
+
+
+@pytest.mark.parametrize("which", ["wide", "narrow"])
+def test_the_ggml_quantizer_writes_the_blocks_llama_quantize_writes(which, wide, tiny_models, tmp_path):
+    """Method ggml-imatrix on every matmul, one width each, against llama.cpp's own quantizer given
+    the same types and importance matrix: the same bytes, tensor by tensor. ``wide`` rows (256, 512)
+    take the K-quants; the tiny Llama's (64, 128) take llama.cpp's fallback types."""
+    from transformers import AutoModelForCausalLM
+
+    from autocomp.compressors.ggml import ggml_type
+    from autocomp.exporters.gguf_file import GGUFLayout
+    from autocomp.inputs.targets import find_targets, get_module, read_weight
+    from autocomp.pipeline.calibration import LayerStats
+    from autocomp.pipeline.layer import compress_weight
+
+    if which == "wide":
+        folder, ref = wide
+    else:
+        folder = tiny_models["llama"]
+        ref = autocomp.compress(str(folder), CompressionPlan(default=LayerPlan()), tmp_path / "ref", format="gguf",
+                                dtype="float32") / GGUF_FILE
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    matrix = importance_matrix(model, _ids(2, 64, model.config.vocab_size, seed=4))
+    layout = GGUFLayout.of(model)
+    ours, types = {}, {}
+    for i, t in enumerate(t for t in find_targets(model) if t.stats_module is not None and t.in_blocks):
+        name, bits = f"{layout.gguf_name(t.name)}.weight", (2, 3, 4, 5, 6, 8)[i % 6]
+        stats = LayerStats(torch.from_numpy(matrix[name]).double(), 1)     # mean squares over 1 "token": exact
+        cw = compress_weight(read_weight(get_module(model, t.name)), LayerPlan(method="ggml-imatrix", bits=bits), stats)
+        rows = layout.rows(t.name, t.out_features)
+        ours[name] = (cw.quant.codes if rows is None else cw.quant.codes[rows]).numpy().tobytes()
+        types[name] = ggml_type(bits, t.in_features)
+    assert (which == "wide") == all(k.endswith("_K") or k == "Q8_0" for k in types.values()), types
+    direct = quantize(ref, tmp_path / "direct.gguf", preset="Q8_0", types=types, imatrix=matrix)
+    written = gguf_raw.read_layout(direct)
+    assert {n: tensor_types(direct)[n] for n in types} == types
+    with direct.open("rb") as fh:
+        for name, blob in ours.items():
+            fh.seek(written.tensors[name].offset)
+            assert fh.read(written.tensors[name].nbytes) == blob, name
 
 
 def test_a_type_the_rows_cannot_hold_is_never_offered_and_is_refused(wide, tmp_path):
@@ -218,6 +256,17 @@ def test_cli_quantizes_a_model_with_types_and_an_importance_matrix_then_scores_i
     assert score["kl"] > 0 and score["perplexity"] > 1 and score["decode_ms_per_token"] > 0
 
 
+def test_score_keeps_the_reference_of_its_windows(wide, monkeypatch):
+    from autocomp.llamacpp import commands, runtime
+
+    folder, path = wide
+    first = commands.score_file(str(folder), path, eval_windows=2, seq_len=64, threads=1)
+    monkeypatch.setattr(runtime, "reference", lambda *a, **k: pytest.fail("the reference was computed again"))
+    second = commands.score_file(str(folder), path, eval_windows=2, seq_len=64, threads=1)
+    assert (second.reference_perplexity, second.kl, second.perplexity) == \
+        (first.reference_perplexity, first.kl, first.perplexity)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--type", "blk.0.ffn_down.weight=Q9_K"], "unknown GGUF tensor type"),
     (["--type", "blk.0.ffn_down.weight"], "is not TENSOR=TYPE"),
@@ -253,26 +302,62 @@ LLAMACPP_LATENCY = ["--objectives", "perplexity,latency_ms", "--latency-engine",
                     "--latency-prompt-len", "16", "--latency-new-tokens", "8", "--latency-repeats", "3"]
 
 
-def test_a_study_timed_in_llama_cpp_resumes_after_a_kill_and_exports_the_gguf_it_timed(wide, tmp_path, cache_dir):
-    """``--space llamacpp --latency-engine llamacpp``: every measured trial was timed on the GGUF file
-    its export writes; a search killed (SIGKILL) mid-trial resumes with the same command, the lost
-    trial failed and run again once; the front is re-measured in llama.cpp; the export of a front
-    member is a GGUF file that llama.cpp runs, with the types its plan names."""
+def _gguf_space_with_two_presets(folder: Path) -> Path:
+    """The built-in ``gguf`` space with fewer widths and two presets (a short study)."""
+    import yaml
+
+    from autocomp.config.space import BUILTIN_DIR
+
+    data = yaml.safe_load((BUILTIN_DIR / "gguf.yaml").read_text())
+    data["quantization"]["bits"], data["presets"] = [2, 4, 8, 16], ["Q4_K_M", "Q2_K"]
+    path = folder / "gguf-presets.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("space", ["llamacpp", "gguf"])
+def test_a_study_timed_in_llama_cpp_resumes_after_a_kill_and_exports_the_gguf_it_timed(space, wide, tmp_path,
+                                                                                      cache_dir):
+    """``--latency-engine llamacpp`` on autocomp's GPTQ codes in Q4_0/Q5_0/Q8_0 (space ``llamacpp``)
+    and on llama.cpp's own types with two llama-quantize presets as baselines (space ``gguf``): every
+    measured trial was timed on the GGUF file its export writes; a search killed (SIGKILL) mid-trial
+    resumes with the same command, the lost trial failed and run again once; the front is
+    re-measured in llama.cpp; the export of a front member is a GGUF file that llama.cpp runs, with
+    the types its plan names; a preset baseline holds the types llama.cpp's preset chose."""
     import signal
     import subprocess
 
     from cli_helpers import (COMPLETE, assert_ok, assert_recovered, cli_command, cli_env, search_args, sqlite_url,
                              stop_mid_trial, trials_of)
+    from transformers import AutoModelForCausalLM
 
     from autocomp import api
-    from autocomp.llamacpp.quantize import tensor_types as types_of
+    from autocomp.compressors.ggml import GGML_METHODS, ggml_type
+    from autocomp.exporters.gguf_file import GGUFLayout
+    from autocomp.inputs.models import load_model
+    from autocomp.llamacpp.commands import reference_gguf
+    from autocomp.llamacpp.presets import preset_types
 
     folder, _ = wide
-    url, n = sqlite_url(tmp_path / "study.db"), 6
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    layout = GGUFLayout.of(hf)
+
+    def types_of_plan(plan: dict) -> dict[str, str]:
+        """GGUF tensor -> the type a stored plan puts it in."""
+        out = {}
+        for module, lp in CompressionPlan.from_dict(plan).layers:
+            if lp.bits < 16:
+                inputs = hf.get_submodule(module).weight.shape[1]
+                out[f"{layout.gguf_name(module)}.weight"] = (ggml_type(lp.bits, inputs) if lp.quantizer in GGML_METHODS
+                                                             else {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}[lp.bits])
+        return out
+
+    url, n = sqlite_url(tmp_path / "study.db"), 8   # beyond the presets and baselines: the retry runs too
     windows = ["--eval-windows", "8", "--eval-seq-len", "64", "--calib-windows", "4", "--calib-seq-len", "64",
                "--no-progress"]
+    space_ref = space if space == "llamacpp" else _gguf_space_with_two_presets(tmp_path)
     args = [str(a) for a in search_args(folder, url, "gguf", n, "--no-validate", *LLAMACPP_LATENCY,
-                                         space="llamacpp", windows=windows)]
+                                         space=space_ref, windows=windows)]
     log = tmp_path / "search.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(cli_command() + args, cwd=tmp_path, env=cli_env(cache_dir), stdout=fh,
@@ -291,22 +376,25 @@ def test_a_study_timed_in_llama_cpp_resumes_after_a_kill_and_exports_the_gguf_it
     trials = trials_of(url, "gguf")
     assert_recovered(trials, lost, n, before)
     done = [t for t in trials if t.state == COMPLETE]
+    if space == "gguf":
+        presets = {t.user_attrs["preset"]: t for t in done if "preset" in t.user_attrs}
+        assert set(presets) == {"Q4_K_M", "Q2_K"} and all(t.params == {} for t in presets.values())
+        assert "llama.cpp preset Q4_K_M: perplexity" in log.read_text()
+        reference = reference_gguf(load_model(str(folder)))
+        for name, t in presets.items():
+            planned = types_of_plan(t.user_attrs["plan"])
+            chosen = preset_types(reference, name)
+            assert planned == {k: chosen[k] for k in planned}, name
+            assert all(chosen[k] in ("F32", "F16") for k in set(chosen) - set(planned)), name   # norms
     measured = [t.user_attrs["metrics"] for t in done if t.user_attrs["metrics"]["latency_measured"] == 1.0]
     assert measured and all(m["gguf_bytes"] > 0 and m["latency_ms"] > 0 and m["prefill_ms"] > 0 for m in measured)
     assert "(llamacpp)" in again.stdout + again.stderr        # the front, re-measured in llama.cpp
     front = api.pareto(url, "gguf")
     assert front and all(r.metrics["latency_remeasured"] == 1.0 for r in front)
     member = min(front, key=lambda r: r.metrics["size_mb"])
-    out = api.export(url, "gguf", member.trial, tmp_path / "export")
-    gguf_path = out / GGUF_FILE
-    plan = CompressionPlan.from_dict(member.plan)
-    from autocomp.exporters.gguf_file import GGUFLayout
-    from transformers import AutoModelForCausalLM
-
-    layout = GGUFLayout.of(AutoModelForCausalLM.from_pretrained(folder))
-    expected = {f"{layout.gguf_name(name)}.weight": {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}[lp.bits]
-                for name, lp in plan.layers if lp.bits < 16}
-    assert expected and {name: types_of(gguf_path)[name] for name in expected} == expected
+    gguf_path = api.export(url, "gguf", member.trial, tmp_path / "export") / GGUF_FILE
+    expected = types_of_plan(member.plan)
+    assert expected and {name: tensor_types(gguf_path)[name] for name in expected} == expected
     with LlamaCppModel(gguf_path, 64, 1) as llm:
         scores, _ = llm.score(_ids(2, 64, llm.vocab, seed=3))
     assert 1 < scores.perplexity < 1e4

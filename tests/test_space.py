@@ -11,7 +11,7 @@ import yaml
 
 from autocomp.pipeline.layer import compress_weight
 from autocomp.compressors.registry import available_compressors, get_compressor
-from autocomp.errors import SpaceError
+from autocomp.errors import PlanError, SpaceError
 from autocomp.inputs.models import load_model
 from autocomp.config.plan import DENSE, LayerPlan
 from autocomp.config.space import BUILTIN_DIR, SearchSpace
@@ -382,7 +382,11 @@ def test_single_configuration_space_baseline_is_uniform(llama_targets):
 def test_calibrated_methods_fall_back_on_layers_without_inputs(llama_targets):
     # the untied llama input embedding has no activations: calibrated pruners / quantizers are
     # replaced by data-free ones there (a plan naming them would fail for every trial)
-    calibrated_q = [q for q in available_compressors("quant") if get_compressor(q).needs_calibration]
+    from autocomp.compressors.ggml import GGML_METHODS
+
+    # llama.cpp's types have their own space rules (test_gguf_space_...)
+    calibrated_q = [q for q in available_compressors("quant") if get_compressor(q).needs_calibration
+                    and q not in GGML_METHODS]
     quant_methods = ["rtn"] + calibrated_q
     space = SearchSpace.from_dict({"name": "c", "targets": {"include": ["re:.*"], "embeddings": True},
                                    "sparsity": {"methods": ["wanda"], "levels": [0.0, 0.5]},
@@ -397,3 +401,24 @@ def test_calibrated_methods_fall_back_on_layers_without_inputs(llama_targets):
     assert plan["lm_head"].pruner == "wanda" and plan["lm_head"].quantizer == quant_methods[-1]
     out = compress_weight(torch.randn(384, 64), emb, None)  # no statistics needed
     assert out.mask is not None and out.quant is not None
+
+
+def test_gguf_space_takes_llama_cpp_types_and_the_embedding_falls_back_to_ggml(llama_targets):
+    """The built-in ``gguf`` space: ggml-imatrix per role, the embedding (no input statistics) ggml;
+    llama.cpp's types need deploy_target llamacpp, bits of a K-quant, no sparsity, no other methods."""
+    space = SearchSpace.load("gguf")
+    chosen = space.select_targets(llama_targets)
+    params = {f"{g}:bits": 4 for g in space.groups(chosen)}
+    plan = space.suggest(optuna.trial.FixedTrial(params), chosen)
+    assert plan["model.embed_tokens"].method == "ggml"
+    assert plan["model.layers.0.mlp.down_proj"].method == "ggml-imatrix"
+    base = {"name": "g", "quantization": {"methods": ["ggml-imatrix"], "bits": [4, 16]}}
+    for extra, words in [({}, "deploy_target"),
+                         ({"deploy_target": "vllm"}, "only deploy_target llamacpp"),
+                         ({"deploy_target": "llamacpp", "quantization": {"methods": ["ggml", "rtn"], "bits": [4]}}, "mix"),
+                         ({"deploy_target": "llamacpp", "sparsity": {"methods": ["wanda"], "levels": [0.0, 0.5]}},
+                          "sparsity")]:
+        with pytest.raises(SpaceError, match=words):
+            SearchSpace.from_dict({**base, **extra}, "g.yaml")
+    with pytest.raises(PlanError, match="cannot hold pruned weights"):
+        LayerPlan(method="wanda+ggml", sparsity=0.5, bits=4)

@@ -36,6 +36,8 @@ class CompressorEntry:
     options: type | None = None   # dataclass of the method's own parameters
     joint: bool = False           # a pruner that also quantizes in the same pass
     needs_hessian: bool = False   # needs the input Hessian (X X^T), not only per-feature norms
+    data_free_fallback: str = "rtn"   # quantizers: what a layer without input statistics takes instead
+    holds_pruned: bool = True     # quantizers: can follow a pruner (keeps pruned weights exactly zero)
 
     @property
     def data_free(self) -> bool:
@@ -48,7 +50,8 @@ _REGISTRY: dict[str, CompressorEntry] = {}
 
 def register_compressor(name: str, kind: Kind, needs_calibration: bool = False,
                         prune_group: str = "", options: type | None = None,
-                        joint: bool = False, needs_hessian: bool = False) -> Callable[[Callable], Callable]:
+                        joint: bool = False, needs_hessian: bool = False, data_free_fallback: str = "rtn",
+                        holds_pruned: bool = True) -> Callable[[Callable], Callable]:
     """Register ``fn`` under ``name``. Raises ValueError on a duplicate name (a programming error).
 
     A pruner declares its unstructured comparison group (``"tensor"`` or ``"row"``) so that the
@@ -63,7 +66,7 @@ def register_compressor(name: str, kind: Kind, needs_calibration: bool = False,
         if name in _REGISTRY:
             raise ValueError(f"compressor {name!r} is registered twice")
         _REGISTRY[name] = CompressorEntry(name, kind, fn, needs_calibration or needs_hessian, prune_group, options, joint,
-                                          needs_hessian)
+                                          needs_hessian, data_free_fallback, holds_pruned)
         return fn
 
     return decorate

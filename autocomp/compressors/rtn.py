@@ -34,6 +34,7 @@ class QuantizedWeight:
     zeros: torch.Tensor | None    # uint8, [out, n_groups]; None when symmetric
     bits: int
     group_size: int               # resolved: never -1
+    ggml_type: str | None = None  # llama.cpp's blocks (method ggml): ``codes`` holds them, uint8 [out, row bytes]
 
 
 def resolve_group_size(group_size: int, in_features: int) -> int:

@@ -17,11 +17,14 @@ llamacpp    gguf                          symmetric 4, 5 or 8 bits in groups of 
                                           ggml's Q4_0, Q5_0 and Q8_0 blocks (other widths and
                                           groups would be stored in a wider block than the
                                           search accounted); quantized layers need input sizes
-                                          that are multiples of 32
+                                          that are multiples of 32. Or llama.cpp's own types
+                                          (methods ggml, ggml-imatrix: 2, 3, 4, 5, 6 or 8 bits,
+                                          Q2_K ... Q6_K and Q8_0), never mixed with the others
 torch       packed (autocomp's kernels)   anything
 ==========  ============================  =====================================================
 
-A space without ``deploy_target`` is unrestricted and exports as compressed-tensors by default.
+A space without ``deploy_target`` is unrestricted and exports as compressed-tensors by default
+(llama.cpp's own types, methods ``ggml``, need ``deploy_target: llamacpp``).
 """
 
 from __future__ import annotations
@@ -43,10 +46,23 @@ class DeployTarget:
     def space_problems(self, space: Any) -> list[str]:
         """Choices of ``space`` (a :class:`~autocomp.config.space.SearchSpace`, which imports this module)
         this target cannot hold at their accounted size (each says what to change)."""
+        from autocomp.compressors.ggml import GGML_METHODS
+
+        ggml = [m for m in space.quant_methods if m in GGML_METHODS]
         quantized = [b for b in space.bits if b < 16]
+        if ggml and self.name != "llamacpp":
+            return [f"methods {ggml} (llama.cpp's own types: only deploy_target llamacpp exports them)"]
         if not quantized or self.name == "torch":
             return []
         out = []
+        if ggml:     # llama.cpp's types (every allowed width has one): their blocks hold no pruned weights
+            if len(ggml) != len(space.quant_methods):
+                out.append(f"methods {list(space.quant_methods)} mix llama.cpp's own types with autocomp's "
+                           "(search one kind per space)")
+            if any(level != 0.0 for level in space.levels):
+                out.append("sparsity levels above 0 (llama.cpp's blocks hold no pruned weights; set "
+                           "sparsity.levels to [0.0])")
+            return out
         allowed = VLLM_BITS if self.name == "vllm" else LLAMACPP_BITS
         wrong = [b for b in quantized if b not in allowed]
         if wrong:

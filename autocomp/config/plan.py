@@ -124,7 +124,11 @@ class LayerPlan:
             )
         if self.bits == DENSE_BITS and quantizer is not None:
             raise PlanError(f"method {self.method!r} quantizes but bits is 16; give bits < 16 or drop the quantizer")
-        from autocomp.compressors.registry import canonical_options
+        from autocomp.compressors.registry import canonical_options, get_compressor
+
+        if pruner is not None and quantizer is not None and not get_compressor(quantizer).holds_pruned:
+            raise PlanError(f"method {self.method!r}: {quantizer} cannot hold pruned weights; use {quantizer!r} "
+                            "alone (sparsity 0)")
 
         given = dict(self.options) if not isinstance(self.options, Mapping) else self.options
         object.__setattr__(self, "options", canonical_options(self.method, given))

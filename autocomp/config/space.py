@@ -49,7 +49,7 @@ from autocomp.inputs.targets import Target
 GRANULARITIES = ("layer", "block", "role", "uniform")
 BUILTIN_DIR = Path(__file__).resolve().parent / "spaces"
 _TOP_KEYS = ("name", "description", "targets", "granularity", "sparsity", "quantization", "baselines", "student",
-             "deploy_target")
+             "deploy_target", "presets")
 _TARGET_KEYS = ("include", "exclude", "embeddings")
 _SPARSITY_KEYS = ("methods", "levels")
 _QUANT_KEYS = ("methods", "bits", "group_size", "symmetric")
@@ -108,6 +108,7 @@ class SearchSpace:
     baselines: bool = True
     student: StudentSpace | None = None
     deploy_target: str | None = None
+    presets: tuple[str, ...] = ()   # llama.cpp presets evaluated as baselines (spaces of methods ggml)
     source: str = field(default="", compare=False)
 
     # ---- loading -------------------------------------------------------------------------
@@ -180,15 +181,28 @@ class SearchSpace:
         deploy = top.get("deploy_target")
         if deploy is not None and deploy not in DEPLOY_TARGETS:
             raise SpaceError(f"{where}: deploy_target {deploy!r} is not one of {', '.join(DEPLOY_TARGETS)}")
+        presets = tuple(str(p).upper() for p in _as_list(f"{where}: presets", top["presets"])) if "presets" in top else ()
+        if presets:
+            from autocomp.compressors.ggml import GGML_METHODS, PRESET_BASELINES
+
+            wrong = [p for p in presets if p not in PRESET_BASELINES]
+            if wrong:
+                raise SpaceError(f"{where}: presets {wrong} are not llama.cpp presets of K-quant types; use "
+                                 f"{', '.join(PRESET_BASELINES)}")
+            if not set(quant_methods) <= set(GGML_METHODS):
+                raise SpaceError(f"{where}: presets are llama.cpp's own types: they need quantization.methods "
+                                 f"{list(GGML_METHODS)}")
         space = cls(
             name=name, description=str(top.get("description", "")), include=include, exclude=exclude,
             embeddings=bool(tgt.get("embeddings", False)), granularity=gran, prune_methods=prune_methods,
             levels=tuple(levels), quant_methods=quant_methods, bits=bits, group_sizes=groups, symmetric=sym,
-            baselines=bool(top.get("baselines", True)), student=student, deploy_target=deploy, source=where,
+            baselines=bool(top.get("baselines", True)), student=student, deploy_target=deploy, presets=presets,
+            source=where,
         )
-        problems = space.deploy.space_problems(space) if space.deploy is not None else []
+        problems = (space.deploy or DEPLOY_TARGETS["torch"]).space_problems(space)
         if problems:
-            raise SpaceError(f"{where}: deploy_target {deploy} cannot hold these choices: {'; '.join(problems)}")
+            raise SpaceError(f"{where}: deploy_target {deploy or '(none)'} cannot hold these choices: "
+                             f"{'; '.join(problems)}")
         return space
 
     @property
@@ -226,7 +240,8 @@ class SearchSpace:
                              "group_size": list(self.group_sizes), "symmetric": list(self.symmetric)},
             "baselines": self.baselines,
         } | ({"student": self.student.to_dict()} if self.student is not None else {}) | (
-            {"deploy_target": self.deploy_target} if self.deploy_target is not None else {})
+            {"deploy_target": self.deploy_target} if self.deploy_target is not None else {}) | (
+            {"presets": list(self.presets)} if self.presets else {})
 
     # ---- binding to a model --------------------------------------------------------------
     def select_targets(self, targets: Sequence[Target]) -> list[Target]:
@@ -336,7 +351,7 @@ class SearchSpace:
             from autocomp.compressors.registry import get_compressor
 
             if get_compressor(quant).needs_calibration:  # e.g. gptq on an untied input embedding
-                quant = "rtn"
+                quant = get_compressor(quant).data_free_fallback
         if bits == DENSE_BITS:
             gs, sym = 128, False
         return LayerPlan(

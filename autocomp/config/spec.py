@@ -57,6 +57,12 @@ class StudySpec:
             raise StudyError(f"the llamacpp latency engine times the GGUF file each candidate exports to, but space "
                              f"{self.space.name!r} has no 'deploy_target: llamacpp' (its candidates need not fit GGUF's "
                              "blocks); search such a space (e.g. --space llamacpp) or use --latency-engine torch")
+        if self.latency is not None and self.latency.engine == "torch":
+            from autocomp.compressors.ggml import GGML_METHODS
+
+            if set(self.space.quant_methods) & set(GGML_METHODS):
+                raise StudyError(f"space {self.space.name!r} searches llama.cpp's own types, which run in llama.cpp "
+                                 "only: time them with --latency-engine llamacpp")
         if self.sampler not in SAMPLERS:
             raise StudyError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
         if self.bos not in BOS_MODES:

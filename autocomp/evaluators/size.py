@@ -7,7 +7,9 @@ What a compressed target layer stores (``out x in`` weight, ``numel = out * in``
   ``out`` groups) and, when asymmetric, one zero point of ``bits`` bits per group;
 * when sparse: unstructured -> a bitmask of ``numel`` bits; N:M -> ``ceil(log2(M))`` index bits per
   kept weight (2:4 -> 2 bits, as in NVIDIA's sparse tensor cores);
-* each layer's total is rounded up to whole bytes.
+* each layer's total is rounded up to whole bytes;
+* a layer in llama.cpp's own types (methods ``ggml``, ``ggml-imatrix``): its blocks' bytes exactly
+  (:mod:`autocomp.compressors.ggml`; the scales live inside the blocks).
 
 Every other parameter (biases, norms, untouched layers, the embedding unless targeted) counts at
 ``base_bits`` (16: the fp16/bf16 deployment baseline, whatever dtype the model is held in for
@@ -24,6 +26,7 @@ from typing import Mapping
 
 from torch import nn
 
+from autocomp.compressors.ggml import GGML_METHODS, ggml_type, row_bytes
 from autocomp.compressors.masks import n_pruned
 from autocomp.compressors.registry import get_compressor
 from autocomp.compressors.rtn import n_groups
@@ -63,6 +66,8 @@ def layer_size(out_f: int, in_f: int, lp: LayerPlan, base_bits: int = DENSE_BITS
     """Bits a ``[out_f, in_f]`` weight takes under ``lp`` (see module docstring)."""
     if lp.is_dense:
         return LayerSize(out_f * in_f * base_bits, 0, 0, 0)
+    if lp.quantizer in GGML_METHODS:    # llama.cpp's blocks: their bytes exactly (scales inside)
+        return LayerSize(out_f * row_bytes(ggml_type(lp.bits, in_f), in_f) * 8, 0, 0, 0)
     kept = kept_weights(out_f, in_f, lp)
     value_bits = lp.bits if lp.quantizer is not None else base_bits
     scale = zero = meta = 0

@@ -63,10 +63,13 @@ class StoredScheme:
 def stored_scheme(target, plan) -> StoredScheme | str | None:
     """The scheme a quantized layer is stored with, None for a layer that is not quantized, or a string
     saying why compressed-tensors cannot hold it (it is then stored dequantized)."""
+    from autocomp.compressors.ggml import GGML_METHODS
     from autocomp.compressors.rtn import resolve_group_size
 
     if plan.quantizer is None:
         return None
+    if plan.quantizer in GGML_METHODS:
+        return "llama.cpp's own blocks (method ggml: only --format gguf stores them)"
     if target.kind == "embedding":
         return "an embedding (transformers and vLLM do not load a quantized nn.Embedding from compressed-tensors)"
     if target.kind == "conv1d":

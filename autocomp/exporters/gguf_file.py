@@ -16,7 +16,8 @@ Q8_0       integers in [-128, 127]   fp16 scale, 32 int8
 so symmetric 2-4 bits and asymmetric 2-3 bits are Q4_0, symmetric 5 and asymmetric 4 bits Q5_0,
 symmetric 6-8 and asymmetric 5-7 bits Q8_0 (:func:`ggml_type`). Asymmetric 8-bit layers, groups that
 are not a multiple of 32 and layers whose input size is not a multiple of 32 cannot be held and are
-refused, by name. GGUF has no sparse storage: pruned weights are stored as zeros and the sparsity is
+refused, by name. A layer in llama.cpp's own types (methods ``ggml``, ``ggml-imatrix``:
+:mod:`autocomp.compressors.ggml`) is written as the very blocks ggml's quantizer made for it. GGUF has no sparse storage: pruned weights are stored as zeros and the sparsity is
 stated in ``autocomp.json``. Every other 2-D tensor is stored in the export dtype (F16, BF16 or F32),
 1-D tensors (norms, biases) in F32, as llama.cpp's own converter does.
 
@@ -90,6 +91,7 @@ def _arch(model) -> Arch | None:
 
 def problems(applied) -> list[str]:
     """Why the GGUF file cannot hold ``applied``, one line per layer (empty: it can)."""
+    from autocomp.compressors.ggml import GGML_METHODS
     from autocomp.compressors.rtn import resolve_group_size
 
     if _arch(applied.model) is None:
@@ -100,6 +102,8 @@ def problems(applied) -> list[str]:
         plan = applied.per_layer.get(t.name)
         if plan is None or plan.quantizer is None:
             continue
+        if plan.quantizer in GGML_METHODS:
+            continue          # llama.cpp's own blocks, made for a row length that holds them
         group = resolve_group_size(plan.group_size, t.in_features)
         if ggml_type(plan.bits, plan.symmetric) is None:
             out.append(f"{t.name} is asymmetric 8-bit (no exact GGUF block type: use symmetric 8-bit)")
@@ -187,6 +191,7 @@ class _Tensor:
 def _tensors(applied, options: ExportOptions, arch: Arch) -> Iterator[_Tensor]:
     import torch
 
+    from autocomp.compressors.ggml import GGML_METHODS
     from autocomp.deploy.pack import signed_codes
     from autocomp.inputs.targets import read_weight
 
@@ -208,6 +213,11 @@ def _tensors(applied, options: ExportOptions, arch: Arch) -> Iterator[_Tensor]:
         target = targets.get(module) if leaf == "weight" else None
         rows = layout.rows(module, target.out_features if target is not None else value.shape[0])
         plan = applied.per_layer.get(module) if target is not None else None
+        if plan is not None and plan.quantizer in GGML_METHODS:    # ggml's own blocks, written as they are
+            raw = compressed[module].quant
+            blocks = raw.codes if rows is None else raw.codes[rows]
+            yield _Tensor(name, blocks.numpy(), raw.ggml_type, (target.out_features, target.in_features))
+            continue
         if plan is not None and plan.quantizer is not None:
             cw = compressed[module]
             signed = signed_codes(cw)

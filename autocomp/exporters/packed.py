@@ -10,6 +10,15 @@ from typing import Any
 from autocomp.exporters.registry import ExportFormat, ExportOptions, register_format
 
 
+def _check(applied, options: ExportOptions) -> None:
+    from autocomp.compressors.ggml import GGML_METHODS
+    from autocomp.exporters.registry import refuse
+
+    refuse([f"{name} is in llama.cpp's own blocks (method {plan.quantizer})" for name, plan in applied.per_layer.items()
+            if plan.quantizer in GGML_METHODS], "the packed format cannot hold this configuration",
+           "Export it with --format gguf (or compressed-tensors / float, which store those layers dequantized)")
+
+
 def _write(folder: Path, applied, loaded, options: ExportOptions) -> dict[str, Any]:
     import torch
 
@@ -31,4 +40,4 @@ def _load(folder: Path):
 
 register_format(ExportFormat(
     "packed", "autocomp's packed file (low-bit codes on disk); autocomp.load_model / load_deployed read it",
-    _write, _load))
+    _write, _load, check=_check))

@@ -15,10 +15,9 @@ import collections
 import ctypes
 from typing import Any
 
-from autocomp._imports import optional
+from autocomp._imports import LLAMA_CPP_INSTALL, optional
 from autocomp.errors import PlanError
 
-INSTALL = "pip install 'autocomp[llamacpp]' (or bash scripts/setup.sh --llama-cpp; it compiles llama.cpp, 10-15 minutes)"
 
 # the tensor types a search may choose (llama.cpp's CPU build quantizes and runs all of them)
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -40,7 +39,7 @@ _CALLBACK: Any = None     # kept alive: llama.cpp holds a raw pointer to it
 def lib():
     """The ``llama_cpp`` module, with its log captured; DependencyError when it is not installed."""
     global _CALLBACK
-    llama_cpp = optional("llama_cpp", "the llama.cpp engine (llama-cpp-python)", INSTALL)
+    llama_cpp = optional("llama_cpp", "the llama.cpp engine (llama-cpp-python)", LLAMA_CPP_INSTALL)
     if _CALLBACK is None:
         @llama_cpp.llama_log_callback
         def keep(level: int, text: bytes, _user: ctypes.c_void_p) -> None:

@@ -6,7 +6,8 @@
 * :func:`quantize_model`: the reference quantized by llama.cpp with a preset, per-tensor types and,
   when asked, an importance matrix from calibration windows.
 * :func:`score_file`: perplexity and KL to the reference of any GGUF file of the model, on evaluation
-  windows, from llama.cpp's logits; and its prefill / decode times.
+  windows, from llama.cpp's logits (the reference's, once per windows, kept under
+  ``$AUTOCOMP_CACHE/reference/``); and its prefill / decode times.
 """
 
 from __future__ import annotations
@@ -43,13 +44,17 @@ def reference_gguf(loaded) -> Path:
     source = source_gguf(loaded)
     if source is not None:
         return quantize(source, path, preset="F16")
-    from autocomp import api
     from autocomp.config.plan import CompressionPlan, LayerPlan
+    from autocomp.exporters import ExportOptions, get_format
+    from autocomp.inputs.models import load_model
+    from autocomp.pipeline.apply import apply_plan
 
     folder = path.with_name(f"{path.stem}-export")
     shutil.rmtree(folder, ignore_errors=True)      # what an interrupted earlier run left
-    api.compress(loaded.folder, CompressionPlan(default=LayerPlan()), folder, format="gguf", dtype="float16",
-                 cache_dir="none")
+    folder.mkdir(parents=True)
+    fresh = load_model(str(loaded.folder))          # the weights as stored (``loaded`` may hold a trial's)
+    dense = apply_plan(fresh, CompressionPlan(default=LayerPlan()))
+    get_format("gguf").write(folder, dense, fresh, ExportOptions(dtype="float16"))
     (folder / GGUF_FILE).replace(path)
     shutil.rmtree(folder)
     return path
@@ -91,13 +96,17 @@ def score_file(model: str, path: str | Path, eval_windows: int = 8, seq_len: int
     from autocomp.llamacpp.binding import lib
     from autocomp.llamacpp.quantize import tensor_types
     from autocomp.llamacpp.runtime import LlamaCppModel, measure, reference
+    from autocomp.study.evaluate import cached_reference
 
     lib()
     path = Path(path)
     tensor_types(path)         # a GGUF file, or one line saying it is not
     loaded = load_model(model)
     windows = text_windows(loaded.tokenizer, "wikitext2", split, WindowSpec(eval_windows, seq_len), random=False)
-    ref = reference(reference_gguf(loaded), windows.input_ids, 64, threads)
+    reference_file = reference_gguf(loaded)
+    # the F16 file's llama.cpp logits on these windows, kept like the torch path's dense reference
+    ref = cached_reference(f"llamacpp:{reference_file.name}:{windows.sha256}:64",
+                           lambda: reference(reference_file, windows.input_ids, 64, threads))
     with LlamaCppModel(path, seq_len, threads) as llm:
         scores, _ = llm.score(windows.input_ids, ref)
     timing = measure(path, threads, 128, 16)

@@ -67,7 +67,10 @@ def _to_tensors(cw: CompressedWeight) -> dict[str, torch.Tensor]:
         out = {"codes": cw.quant.codes, "scales": cw.quant.scales,
                "group_size": torch.tensor([cw.quant.group_size]), "bits": torch.tensor([cw.quant.bits]),
                "dtype_code": torch.tensor([_dtype_code(cw.weight.dtype)])}
-        if cw.quant.zeros is not None:
+        if cw.quant.ggml_type is not None:     # llama.cpp's blocks: the type and the row length rebuild it
+            out["ggml_type"] = torch.tensor([GGML_TYPES.index(cw.quant.ggml_type)])
+            out["in_features"] = torch.tensor([cw.weight.shape[1]])
+        elif cw.quant.zeros is not None:
             out["zeros"] = cw.quant.zeros
         else:
             out["zero_const"] = torch.tensor([2 ** (cw.quant.bits - 1)])
@@ -77,6 +80,8 @@ def _to_tensors(cw: CompressedWeight) -> dict[str, torch.Tensor]:
 
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# llama.cpp types a variant may hold (method ggml), by their stored index: append only
+GGML_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "Q5_0", "Q5_1", "Q4_0", "Q4_1"]
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
@@ -97,6 +102,13 @@ def _compressed_from_tensors(t: dict[str, torch.Tensor]) -> CompressedWeight:
     if "weight" in t:
         return CompressedWeight(t["weight"], mask, None)
     gs = int(t["group_size"][0])
+    if "ggml_type" in t:
+        from autocomp.compressors.ggml import dequantize_rows
+
+        kind, bits = GGML_TYPES[int(t["ggml_type"][0])], int(t["bits"][0])
+        weight = dequantize_rows(t["codes"], kind, int(t["in_features"][0]))
+        quant = QuantizedWeight(weight, t["codes"], t["scales"], None, bits, gs, ggml_type=kind)
+        return CompressedWeight(weight.to(_DTYPES[int(t["dtype_code"][0])]).contiguous(), None, quant)
     # 0: an asymmetric variant written before bit widths were stored (get_compressed recomputes it)
     bits = int(t["bits"][0]) if "bits" in t else int(t["zero_const"][0]).bit_length() if "zero_const" in t else 0
     weight = dequantize_codes(t["codes"], t["scales"], t.get("zeros"), bits, gs, mask).contiguous()

@@ -14,7 +14,7 @@ import hashlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -36,24 +36,25 @@ if TYPE_CHECKING:
     from autocomp.study.staged import Screen
 
 
-def _reference_path(fingerprint: str, windows: Windows, k: int) -> Path:
-    digest = hashlib.sha256(f"{fingerprint}:{windows.sha256}:{k}".encode()).hexdigest()[:20]
-    return cache_root() / "reference" / f"{digest}.pt"
-
-
-def dense_reference(model: Any, fingerprint: str, windows: Windows, k: int) -> DenseReference:
-    """The dense model's top-k log-probs on ``windows`` (computed once, then read from disk)."""
-    path = _reference_path(fingerprint, windows, k)
+def cached_reference(key: str, compute: Callable[[], DenseReference]) -> DenseReference:
+    """The reference named by ``key`` from ``$AUTOCOMP_CACHE/reference/``, or ``compute()`` stored
+    there first (written to a temporary name and renamed, so a reader never sees half a file)."""
+    path = cache_root() / "reference" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
     if path.exists():
-        data = torch.load(path, weights_only=True)
-        return DenseReference(**data)
-    _, ref = score_windows(model, windows.input_ids, topk=k)
+        return DenseReference(**torch.load(path, weights_only=True))
+    ref = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{id(ref)}")
     torch.save({"topk_logprobs": ref.topk_logprobs, "topk_indices": ref.topk_indices,
                 "nll": ref.nll, "tokens": ref.tokens}, tmp)
     tmp.replace(path)
     return ref
+
+
+def dense_reference(model: Any, fingerprint: str, windows: Windows, k: int) -> DenseReference:
+    """The dense model's top-k log-probs on ``windows`` (computed once, then read from disk)."""
+    return cached_reference(f"{fingerprint}:{windows.sha256}:{k}",
+                            lambda: score_windows(model, windows.input_ids, topk=k)[1])
 
 
 @dataclass

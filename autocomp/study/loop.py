@@ -194,12 +194,9 @@ def _reuse(trial, twin, spec: StudySpec, evaluator) -> tuple[list[float], dict[s
         partial = dict(twin.user_attrs.get("partial_metrics", {}))
         raise TrialPruned(f"same configuration as trial {twin.number}: {twin.user_attrs.get('pruned_reason', '')}", partial)
     metrics = dict(twin.user_attrs["metrics"])
-    check_finite_scores(metrics, spec.objectives)   # a twin stored before broken trials were failed
     metrics["seconds"] = 0.0
-    trial.set_user_attr("metrics", metrics)
-    for name, value in spec.budgets.constraints(metrics, evaluator.dense.perplexity).items():
-        trial.set_constraint(name, value)
-    return objective_values(metrics, spec.objectives), metrics
+    # checked again: a twin stored before broken trials were failed
+    return record_metrics(trial, spec, metrics, evaluator.dense.perplexity)
 
 
 def _run_trial(study, trial, spec: StudySpec, evaluator, screen=None, pinned=None) -> tuple[list[float], dict[str, float]]:
@@ -210,21 +207,46 @@ def _run_trial(study, trial, spec: StudySpec, evaluator, screen=None, pinned=Non
         student = spec.space.student.resolve(spec.space.student.suggest(trial), evaluator.teacher_dims)
     if student is not None:  # the teacher layers' plans, carried over to the student built from them
         per_layer = evaluator.student_plan(per_layer, student)
-    plan = CompressionPlan.explicit(per_layer, calibration=evaluator.calibration,
-                                    embeddings=any(not t.in_blocks for t in evaluator.targets), student=student)
-    trial.set_user_attr("plan", plan.to_dict())
+    store_plan(trial, evaluator, per_layer, student)
     uniform = spec.space.describe_uniform(trial.params, list(pinned or {}))
     if uniform:
         trial.set_user_attr("uniform", uniform)
     twin = _twin(study, trial)
     if twin is not None:
         return _reuse(trial, twin, spec, evaluator)
+    return evaluate_plan(trial, spec, evaluator, per_layer, screen, student, start)
+
+
+def trial_plan(evaluator, per_layer, student=None) -> CompressionPlan:
+    """The :class:`CompressionPlan` a trial stores: every layer named, with the study's calibration."""
+    return CompressionPlan.explicit(per_layer, calibration=evaluator.calibration,
+                                    embeddings=any(not t.in_blocks for t in evaluator.targets), student=student)
+
+
+def store_plan(trial, evaluator, per_layer, student=None) -> CompressionPlan:
+    """:func:`trial_plan`, stored as the trial's ``plan`` attribute."""
+    plan = trial_plan(evaluator, per_layer, student)
+    trial.set_user_attr("plan", plan.to_dict())
+    return plan
+
+
+def evaluate_plan(trial, spec: StudySpec, evaluator, per_layer, screen=None, student=None,
+                  start: float | None = None) -> tuple[list[float], dict[str, float]]:
+    """Evaluate ``per_layer`` and record it on ``trial``: its metrics (NonFiniteScoreError for a broken
+    model), its budget constraints; returns (objective values, metrics)."""
+    start = time.perf_counter() if start is None else start
     kwargs = {"student": student} if student is not None else {}
     metrics = evaluator.evaluate(per_layer, screen, **kwargs) if screen is not None else evaluator.evaluate(per_layer, **kwargs)
     metrics["seconds"] = time.perf_counter() - start
+    return record_metrics(trial, spec, metrics, evaluator.dense.perplexity)
+
+
+def record_metrics(trial, spec: StudySpec, metrics: dict[str, float], dense_ppl: float) -> tuple[list[float], dict[str, float]]:
+    """Store ``metrics`` and the budget constraints on ``trial`` (NonFiniteScoreError for a broken
+    model); returns (objective values, metrics)."""
     check_finite_scores(metrics, spec.objectives)
     trial.set_user_attr("metrics", metrics)
-    for name, value in spec.budgets.constraints(metrics, evaluator.dense.perplexity).items():
+    for name, value in spec.budgets.constraints(metrics, dense_ppl).items():
         trial.set_constraint(name, value)
     return objective_values(metrics, spec.objectives), metrics
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from autocomp._version import __version__
-from autocomp.errors import AutocompError, BudgetError, ModelLoadError, StudyError
+from autocomp.errors import AutocompError, BudgetError, ModelLoadError, NonFiniteScoreError, StudyError
 from autocomp.config.spec import StudySpec, spec_differences
 from autocomp.inputs.data import check_window_lengths
 from autocomp.samplers import make_sampler
@@ -121,6 +121,8 @@ def enqueue_initial(study, spec: StudySpec, evaluator, echo: Callable[[str], Non
         pinned = pinned_groups(table, spec.pin_sensitive)
         study.set_user_attr(SENSITIVITY_ATTR, table)
         study.set_user_attr(PINNED_ATTR, pinned)
+    if spec.space.presets:
+        add_preset_baselines(study, spec, evaluator, echo)
     baselines = spec.space.baseline_params(evaluator.targets, pinned)
     for params in baselines:  # all of them, even beyond n_trials: a later, longer run picks them up
         study.enqueue_trial(params, user_attrs={"baseline": True})
@@ -143,3 +145,43 @@ def enqueue_initial(study, spec: StudySpec, evaluator, echo: Callable[[str], Non
     study.set_user_attr(BASELINES_ATTR, True)
 
 
+
+
+def add_preset_baselines(study, spec: StudySpec, evaluator, echo: Callable[[str], None]) -> None:
+    """Each llama.cpp preset the space names, evaluated as a finished baseline trial (once: a preset
+    already in the study is skipped, so an interrupted first run resumes here)
+    (:mod:`autocomp.llamacpp.presets`)."""
+    import time
+
+    from autocomp.exporters.gguf_file import GGUFLayout
+    from autocomp.llamacpp.commands import reference_gguf
+    from autocomp.llamacpp.presets import preset_plan, preset_types
+    from autocomp.config.objectives import objective_values
+    from autocomp.study.loop import check_finite_scores, trial_plan
+
+    optuna = optuna_quiet()
+    done = {t.user_attrs.get("preset") for t in study.get_trials(deepcopy=False)}
+    reference = reference_gguf(evaluator.loaded)
+    layout = GGUFLayout.of(evaluator.loaded.model)
+    for preset in spec.space.presets:
+        if preset in done:
+            continue
+        per_layer = preset_plan(preset_types(reference, preset), evaluator.targets, layout.gguf_name, spec.space)
+        if isinstance(per_layer, str):
+            echo(f"llama.cpp preset {preset} is not a baseline of this space: {per_layer}")
+            continue
+        start = time.perf_counter()
+        metrics = evaluator.evaluate(per_layer)
+        metrics["seconds"] = time.perf_counter() - start
+        try:
+            check_finite_scores(metrics, spec.objectives)
+        except NonFiniteScoreError as exc:
+            echo(f"llama.cpp preset {preset} is left out: {exc}")
+            continue
+        # a finished trial with no sampled parameters: the sampler leaves it aside, the front does not
+        study.add_trial(optuna.trial.create_trial(
+            values=objective_values(metrics, spec.objectives), params={}, distributions={},
+            constraints=spec.budgets.constraints(metrics, evaluator.dense.perplexity),
+            user_attrs={"baseline": True, "preset": preset, "uniform": f"llama.cpp preset {preset}",
+                        "plan": trial_plan(evaluator, per_layer).to_dict(), "metrics": metrics}))
+        echo(f"llama.cpp preset {preset}: perplexity {metrics['perplexity']:.4g}, {metrics['size_mb']:.1f} MB")
