@@ -1,5 +1,6 @@
 """The llama.cpp engine on a tiny Llama written as GGUF: quantizing per tensor, the importance
-matrix, variants assembled without quantizing again, scoring and timing in llama.cpp, bad input.
+matrix, ggml's quantizer as autocomp's (byte-identical to llama.cpp's), scoring and timing in
+llama.cpp, studies of llama.cpp's types timed in llama.cpp, bad input.
 
 The tiny model has 256-wide rows (K-quants need rows that are a multiple of 256). Skipped without
 llama-cpp-python unless AUTOCOMP_REQUIRE_LLAMA_CPP=1 (CI), where it fails instead.
@@ -25,7 +26,6 @@ from autocomp.llamacpp import gguf_raw  # noqa: E402
 from autocomp.llamacpp.imatrix import importance_matrix  # noqa: E402
 from autocomp.llamacpp.quantize import quantize, tensor_types  # noqa: E402
 from autocomp.llamacpp.runtime import LlamaCppModel, measure, reference  # noqa: E402
-from autocomp.llamacpp.variants import GGUFVariants  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -68,27 +68,6 @@ def test_overrides_set_each_named_tensor_and_the_preset_the_rest(wide, tmp_path)
     assert types["blk.0.attn_norm.weight"] == "F32"          # norms are never quantized
 
 
-def test_assembled_candidate_is_the_file_llama_cpp_writes_for_the_same_types(wide, tmp_path):
-    _, ref = wide
-    variants = GGUFVariants(ref, tmp_path / "cache")
-    menu = ("Q3_K", "Q4_0", "Q6_K", "Q8_0", "IQ4_NL")
-    mix = {n: variants.choices(n, menu)[i % 5] for i, n in enumerate(variants.searchable)}
-    assembled = variants.assemble(mix, tmp_path / "mix.gguf")
-    direct = quantize(ref, tmp_path / "direct.gguf", preset="Q8_0", types=mix)
-    a, b = gguf_raw.read_layout(assembled), gguf_raw.read_layout(direct)
-    assert set(a.tensors) == set(b.tensors) == set(variants.tensors)
-    for name in a.tensors:
-        ta, tb = a.tensors[name], b.tensors[name]
-        assert ta.ggml_type == tb.ggml_type, name
-        with assembled.open("rb") as fa, direct.open("rb") as fb:
-            fa.seek(ta.offset)
-            fb.seek(tb.offset)
-            assert fa.read(ta.nbytes) == fb.read(tb.nbytes), name
-    assert assembled.stat().st_size == variants.file_bytes(mix)
-    # gguf-py reads the assembled file and the types back
-    assert {n: t for n, t in tensor_types(assembled).items() if n in mix} == mix
-
-
 @pytest.mark.parametrize("which", ["wide", "narrow"])
 def test_the_ggml_quantizer_writes_the_blocks_llama_quantize_writes(which, wide, tiny_models, tmp_path):
     """Method ggml-imatrix on every matmul, one width each, against llama.cpp's own quantizer given
@@ -127,18 +106,6 @@ def test_the_ggml_quantizer_writes_the_blocks_llama_quantize_writes(which, wide,
         for name, blob in ours.items():
             fh.seek(written.tensors[name].offset)
             assert fh.read(written.tensors[name].nbytes) == blob, name
-
-
-def test_a_type_the_rows_cannot_hold_is_never_offered_and_is_refused(wide, tmp_path):
-    _, ref = wide
-    variants = GGUFVariants(ref, tmp_path / "cache")
-    assert variants.choices("blk.0.ffn_down.weight", ["Q4_K", "Q4_0"]) == ["Q4_K", "Q4_0"]   # 512 inputs
-    with pytest.raises(PlanError, match="unknown GGUF tensor type 'Q9_K'"):
-        variants.file_bytes({"blk.0.ffn_down.weight": "Q9_K"})
-    with pytest.raises(PlanError, match="not a weight matrix"):
-        variants.file_bytes({"blk.0.attn_norm.weight": "Q8_0"})
-    with pytest.raises(PlanError, match="no tensor"):
-        variants.file_bytes({"blk.9.attn_q.weight": "Q8_0"})
 
 
 def test_perplexity_in_llama_cpp_is_within_2_percent_of_torch(wide):
@@ -188,8 +155,6 @@ def test_importance_matrix_names_every_matmul_and_changes_the_quantization(wide,
         fa.seek(a.offset)
         fb.seek(b.offset)
         assert fa.read(a.nbytes) != fb.read(b.nbytes)
-    # variants made with a matrix are kept apart from those made without
-    assert GGUFVariants(ref, tmp_path, imatrix=matrix)._key != GGUFVariants(ref, tmp_path)._key
 
 
 def test_timing_reports_prefill_and_decode(wide):
@@ -205,7 +170,7 @@ def test_bad_input_is_one_line(wide, tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="is not a GGUF file"):
         quantize(junk, tmp_path / "out.gguf")
     with pytest.raises(ModelLoadError, match="is not a GGUF file"):
-        GGUFVariants(junk, tmp_path)
+        gguf_raw.read_layout(junk)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(ref.read_bytes()[: ref.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="truncated"):

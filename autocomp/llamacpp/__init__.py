@@ -5,8 +5,8 @@ llama.cpp's own logits, and timed in llama.cpp.
 * :mod:`.quantize`: ``llama_model_quantize`` with per-tensor type overrides and an importance matrix;
 * :mod:`.imatrix`: the importance matrix (per-column mean of squared inputs) from autocomp's own
   calibration statistics, keyed by GGUF tensor name;
-* :mod:`.variants`: one quantized copy of the reference per type, and candidates assembled from
-  their tensors without quantizing again;
+* :mod:`.gguf_raw`: a GGUF file's tensor table read at the byte level (types, sizes, offsets);
+* :mod:`.presets`: llama-quantize's presets as a study's baselines;
 * :mod:`.runtime`: a GGUF file loaded in llama.cpp: perplexity and KL to a reference, prefill and
   decode times;
 * :mod:`.latency`: the ``llamacpp`` latency engine of a study (``--latency-engine llamacpp``): each

@@ -1,10 +1,9 @@
-"""A GGUF file's layout read, and a file written, at the byte level.
+"""A GGUF file's layout read at the byte level.
 
 gguf-py's reader parses every metadata value into numpy views: for gemma3-270m's 262,144-token
-vocabulary that takes about 25 s per file. Assembling candidates only needs the tensor table (name,
-dimensions, type, offset) and the metadata as opaque bytes, which this module reads in well under a
-second, and writes a file from: the reference's metadata verbatim (its ``general.file_type`` replaced),
-a new tensor table, and each tensor's bytes copied from the file that holds it.
+vocabulary that takes about 25 s per file. Reading a file's tensor types, sizes and offsets only needs
+the tensor table (name, dimensions, type, offset) and the metadata as opaque bytes, which this module
+reads in well under a second.
 
 Format (GGUF v2/v3, little-endian): ``GGUF``, version u32, tensor count u64, metadata count u64; each
 metadata entry is a string key, a u32 value type and the value (arrays: element type u32, count u64,
@@ -18,14 +17,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from autocomp.errors import ModelLoadError
 
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
-FILE_TYPE_KEY = "general.file_type"
-GUESSED_FILE_TYPE = 1024          # llama_ftype LLAMA_FTYPE_GUESSED: a mix
 
 
 @dataclass(frozen=True)
@@ -126,63 +122,3 @@ def read_layout(path: str | Path) -> RawLayout:
     if end > size:
         raise ModelLoadError(f"{path} is truncated ({size} bytes, its tensors end at {end}): write it again")
     return RawLayout(path, version, tuple(metadata), alignment, tensors, data_start)
-
-
-def _string(s: str) -> bytes:
-    data = s.encode("utf-8")
-    return struct.pack("<Q", len(data)) + data
-
-
-def _pad(n: int, alignment: int) -> int:
-    return (n + alignment - 1) // alignment * alignment
-
-
-def _header(reference: RawLayout, tensors: list[RawTensor]) -> tuple[bytes, list[int]]:
-    """The metadata and tensor table of a file holding ``tensors`` in order; their data offsets."""
-    metadata = [blob for key, blob in reference.metadata if key != FILE_TYPE_KEY]
-    metadata.append(_string(FILE_TYPE_KEY) + struct.pack("<II", _UINT32, GUESSED_FILE_TYPE))
-    parts = [b"GGUF", struct.pack("<IQQ", reference.version, len(tensors), len(metadata)), *metadata]
-    offsets, offset = [], 0
-    for t in tensors:
-        offsets.append(offset)
-        parts += [_string(t.name), struct.pack("<I", len(t.ne)), struct.pack(f"<{len(t.ne)}Q", *t.ne),
-                  struct.pack("<IQ", t.ggml_type, offset)]
-        offset = _pad(offset + t.nbytes, reference.alignment)
-    return b"".join(parts), offsets
-
-
-def file_bytes(reference: RawLayout, tensors: list[RawTensor]) -> int:
-    """The size :func:`write` gives a file of ``tensors`` with ``reference``'s metadata."""
-    header, offsets = _header(reference, tensors)
-    if not tensors:
-        return len(header)
-    return _pad(len(header), reference.alignment) + offsets[-1] + tensors[-1].nbytes
-
-
-def write(out: Path, reference: RawLayout, tensors: Iterable[tuple[RawTensor, Path]]) -> None:
-    """Write ``out``: ``reference``'s metadata, then each tensor copied from the file named beside it."""
-    tensors = list(tensors)
-    header, offsets = _header(reference, [t for t, _ in tensors])
-    handles: dict[Path, object] = {}
-    try:
-        with out.open("wb") as fh:
-            fh.write(header)
-            fh.write(b"\0" * (_pad(len(header), reference.alignment) - len(header)))
-            start = fh.tell()
-            for (tensor, source), offset in zip(tensors, offsets):
-                fh.write(b"\0" * (start + offset - fh.tell()))
-                src = handles.get(source) or handles.setdefault(source, source.open("rb"))
-                src.seek(tensor.offset)
-                remaining = tensor.nbytes
-                while remaining:
-                    chunk = src.read(min(remaining, 16 << 20))
-                    if not chunk:
-                        raise ModelLoadError(f"{source} ended inside tensor {tensor.name}: delete it and run again")
-                    fh.write(chunk)
-                    remaining -= len(chunk)
-    finally:
-        for h in handles.values():
-            h.close()
-
-
-
