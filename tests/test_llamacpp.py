@@ -70,12 +70,13 @@ def test_overrides_set_each_named_tensor_and_the_preset_the_rest(wide, tmp_path)
 
 @pytest.mark.parametrize("which", ["wide", "narrow"])
 def test_the_ggml_quantizer_writes_the_blocks_llama_quantize_writes(which, wide, tiny_models, tmp_path):
-    """Method ggml-imatrix on every matmul, one width each, against llama.cpp's own quantizer given
-    the same types and importance matrix: the same bytes, tensor by tensor. ``wide`` rows (256, 512)
-    take the K-quants; the tiny Llama's (64, 128) take llama.cpp's fallback types."""
+    """Method ggml-imatrix on every matmul, one width each, against llama.cpp's own quantizer asked
+    for the K-quant of each width with the same importance matrix: the same type (``wide`` rows of
+    256 and 512 take the K-quants; the tiny Llama's 64 and 128, llama.cpp's own fallback types) and
+    the same bytes, tensor by tensor."""
     from transformers import AutoModelForCausalLM
 
-    from autocomp.compressors.ggml import ggml_type
+    from autocomp.compressors.ggml import K_QUANT, ggml_type
     from autocomp.exporters.gguf_file import GGUFLayout
     from autocomp.inputs.targets import find_targets, get_module, read_weight
     from autocomp.pipeline.calibration import LayerStats
@@ -90,16 +91,16 @@ def test_the_ggml_quantizer_writes_the_blocks_llama_quantize_writes(which, wide,
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     matrix = importance_matrix(model, _ids(2, 64, model.config.vocab_size, seed=4))
     layout = GGUFLayout.of(model)
-    ours, types = {}, {}
+    ours, asked, types = {}, {}, {}
     for i, t in enumerate(t for t in find_targets(model) if t.stats_module is not None and t.in_blocks):
         name, bits = f"{layout.gguf_name(t.name)}.weight", (2, 3, 4, 5, 6, 8)[i % 6]
         stats = LayerStats(torch.from_numpy(matrix[name]).double(), 1)     # mean squares over 1 "token": exact
         cw = compress_weight(read_weight(get_module(model, t.name)), LayerPlan(method="ggml-imatrix", bits=bits), stats)
         rows = layout.rows(t.name, t.out_features)
         ours[name] = (cw.quant.codes if rows is None else cw.quant.codes[rows]).numpy().tobytes()
-        types[name] = ggml_type(bits, t.in_features)
-    assert (which == "wide") == all(k.endswith("_K") or k == "Q8_0" for k in types.values()), types
-    direct = quantize(ref, tmp_path / "direct.gguf", preset="Q8_0", types=types, imatrix=matrix)
+        asked[name], types[name] = K_QUANT[bits], ggml_type(bits, t.in_features)
+    assert (which == "wide") == (asked == types), types
+    direct = quantize(ref, tmp_path / "direct.gguf", preset="Q8_0", types=asked, imatrix=matrix)
     written = gguf_raw.read_layout(direct)
     assert {n: tensor_types(direct)[n] for n in types} == types
     with direct.open("rb") as fh:

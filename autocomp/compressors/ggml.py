@@ -8,8 +8,8 @@ weights llama.cpp will compute with, and the GGUF export writes the very blocks 
 ==========  ==========  =================================================================
 bits        type        rows that are not a multiple of 256 (llama.cpp's own fallback)
 ==========  ==========  =================================================================
-2           Q2_K        IQ4_NL
-3           Q3_K        IQ4_NL
+2           Q2_K        Q4_0
+3           Q3_K        Q4_0
 4           Q4_K        Q5_0
 5           Q5_K        Q5_1
 6           Q6_K        Q8_0
@@ -41,7 +41,8 @@ from autocomp.compressors.registry import register_compressor
 from autocomp.errors import PlanError
 
 K_QUANT = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}
-FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# llama.cpp's fallback for rows that are not a multiple of 256 (tensor_type_fallback in llama-quant.cpp)
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 GGML_METHODS = ("ggml", "ggml-imatrix")
 # llama-quantize's presets whose types these methods express (K-quants and Q8_0): a space's baselines
 PRESET_BASELINES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")

@@ -55,8 +55,14 @@ def _needs_stats(plan: LayerPlan) -> bool:
 
 
 def variant_key(fingerprint: str, layer: str, plan: LayerPlan, stats_digest: str | None) -> str:
-    """Hex digest naming one variant (stats digest only counts for calibrated methods)."""
-    payload = json.dumps([__version__, fingerprint, layer, plan.key(), stats_digest if _needs_stats(plan) else None])
+    """Hex digest naming one variant (stats digest only counts for calibrated methods; llama.cpp's
+    types count their fallback table, which decides the type of a row length)."""
+    from autocomp.compressors.ggml import FALLBACK, GGML_METHODS
+
+    parts = [__version__, fingerprint, layer, plan.key(), stats_digest if _needs_stats(plan) else None]
+    if plan.quantizer in GGML_METHODS:
+        parts.append(sorted(FALLBACK.items()))
+    payload = json.dumps(parts)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
