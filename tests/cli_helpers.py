@@ -161,17 +161,24 @@ def just_started(trials, accept, min_complete: int = 2):
 
 
 
+def running(trials, accept, min_complete: int = 2):
+    """A RUNNING trial for which ``accept(trial)`` holds, once ``min_complete`` trials finished; else None."""
+    if count(trials, COMPLETE) < min_complete:
+        return None
+    return next((t for t in trials if t.state == RUNNING and accept(t)), None)
+
+
 def stop_mid_trial(url: str, name: str, proc: subprocess.Popen, log: Path, accept, what: str,
                    min_complete: int = 2, timeout: float = 300):
-    """Stop (SIGSTOP) the process of a trial that just started (``just_started``) and return
-    ``(trial, before)`` once the storage shows that trial still RUNNING with the process stopped:
-    a SIGKILL sent next surely lands mid-trial, however fast trials run on a loaded machine.
-    ``before`` maps each trial finished by then to its values. A trial that finished between being
-    seen and being stopped lets its process go on (SIGCONT), and the next one is tried."""
+    """Stop (SIGSTOP) the process of a running trial (:func:`running`) and return ``(trial, before)``
+    once the storage shows that trial still RUNNING with the process stopped: a SIGKILL sent next
+    surely lands mid-trial, however fast trials run on a loaded machine (no need to catch one that
+    just started). ``before`` maps each trial finished by then to its values. A trial that finished
+    between being seen and being stopped lets its process go on (SIGCONT), and the next one is tried."""
     deadline = time.monotonic() + timeout
     while True:
-        trial = wait_for(proc, log, lambda: just_started(trials_of(url, name), accept, min_complete), what,
-                         max(deadline - time.monotonic(), 1))
+        trial = wait_for(proc, log, lambda: running(trials_of(url, name), lambda t: "pid" in t.user_attrs and accept(t),
+                                                    min_complete), what, max(deadline - time.monotonic(), 1))
         pid = trial.user_attrs["pid"]
         os.kill(pid, signal.SIGSTOP)
         try:
