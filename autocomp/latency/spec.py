@@ -56,6 +56,11 @@ class LatencySpec:
         if not 0 <= self.margin <= 10:
             raise BudgetError(f"latency margin must be in [0, 10], got {self.margin}")
 
+    def hopeless(self, predicted_ms: float, budget_ms: float | None) -> bool:
+        """True when even a prediction error of ``margin`` could not bring a candidate predicted at
+        ``predicted_ms`` under the latency budget (None: no budget)."""
+        return budget_ms is not None and predicted_ms > budget_ms * (1.0 + self.margin)
+
     @property
     def torch_dtype(self):
         import torch

@@ -111,11 +111,6 @@ class LatencyEvaluator:
     def predict(self, model: nn.Module, targets: list[Target], plans: Mapping[str, LayerPlan]):
         return self.model.predict(targets, plans, _blocks(model))
 
-    def hopeless(self, predicted_ms: float) -> bool:
-        """True when even a prediction error of ``margin`` could not bring the candidate under the budget."""
-        budget = self.budgets.max_latency_ms
-        return budget is not None and predicted_ms > budget * (1.0 + self.spec.margin)
-
     def trial_metrics(self, applied: "AppliedPlan", metrics: Mapping[str, float],
                       infeasible: bool = False) -> dict[str, float]:
         """Latency metrics of the model ``applied`` holds: predicted always; measured unless the prediction
@@ -126,7 +121,7 @@ class LatencyEvaluator:
         predicted = pred.latency_ms(self.spec.metric)
         out = {"latency_predicted_ms": predicted, "prefill_predicted_ms": pred.prefill_ms,
                "decode_predicted_ms": pred.decode_ms}
-        if infeasible or self.hopeless(predicted):
+        if infeasible or self.spec.hopeless(predicted, self.budgets.max_latency_ms):
             return out | {"latency_ms": predicted, "prefill_ms": pred.prefill_ms, "decode_ms": pred.decode_ms,
                           "memory_mb": self.predicted_memory_mb(model), "latency_measured": 0.0}
         result, report = measure_deployed(model, targets, applied.compressed_weights(), plans, self.spec)

@@ -155,11 +155,6 @@ class LlamaCppLatency:
     def dense_metrics(self) -> dict[str, float]:
         return self.dense.metrics(self.spec.metric)
 
-    def hopeless(self, predicted_ms: float) -> bool:
-        """True when even a prediction error of ``margin`` could not bring the candidate under the budget."""
-        budget = self.budgets.max_latency_ms
-        return budget is not None and predicted_ms > budget * (1.0 + self.spec.margin)
-
     def trial_metrics(self, applied: "AppliedPlan", metrics: Mapping[str, float],
                       infeasible: bool = False) -> dict[str, float]:
         """Latency metrics of the candidate ``applied`` (accounted at ``metrics["size_bytes"]``):
@@ -168,7 +163,7 @@ class LlamaCppLatency:
         prefill, decode = self._prefill(types), self._decode(types)
         predicted = decode if self.spec.metric == "decode" else prefill
         out = {"latency_predicted_ms": predicted, "prefill_predicted_ms": prefill, "decode_predicted_ms": decode}
-        if infeasible or self.hopeless(predicted):
+        if infeasible or self.spec.hopeless(predicted, self.budgets.max_latency_ms):
             return out | {"latency_ms": predicted, "prefill_ms": prefill, "decode_ms": decode,
                           "memory_mb": self._memory({"bytes": size}), "latency_measured": 0.0}
         result = self.measure_applied(applied)
