@@ -417,8 +417,14 @@ def test_gguf_space_takes_llama_cpp_types_and_the_embedding_falls_back_to_ggml(l
                          ({"deploy_target": "vllm"}, "only deploy_target llamacpp"),
                          ({"deploy_target": "llamacpp", "quantization": {"methods": ["ggml", "rtn"], "bits": [4]}}, "mix"),
                          ({"deploy_target": "llamacpp", "sparsity": {"methods": ["wanda"], "levels": [0.0, 0.5]}},
-                          "sparsity")]:
+                          "sparsity"),
+                         ({"deploy_target": "llamacpp", "presets": ["Q4_0"]}, "not llama.cpp presets of K-quant"),
+                         ({"deploy_target": "llamacpp", "presets": "Q4_K_M"}, "expected a non-empty list")]:
         with pytest.raises(SpaceError, match=words):
             SearchSpace.from_dict({**base, **extra}, "g.yaml")
     with pytest.raises(PlanError, match="cannot hold pruned weights"):
         LayerPlan(method="wanda+ggml", sparsity=0.5, bits=4)
+    with pytest.raises(SpaceError, match="need quantization.methods"):
+        SearchSpace.from_dict({"name": "p", "presets": ["Q4_K_M"], "quantization": {"methods": ["rtn"], "bits": [4]}},
+                              "p.yaml")
+    assert space.presets and SearchSpace.from_dict(space.to_dict(), "again").presets == space.presets
