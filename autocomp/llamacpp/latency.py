@@ -2,8 +2,8 @@
 
 A study whose space has ``deploy_target: llamacpp`` and whose latency spec names
 ``engine: llamacpp`` (``--latency-engine llamacpp``) measures each candidate by writing the GGUF
-file ``autocomp export`` would write for it (:mod:`autocomp.exporters.gguf_file`: Q4_0 / Q5_0 / Q8_0
-blocks, F16 for the rest) to a temporary folder and timing it in llama.cpp: ``warmup`` runs, then
+file ``autocomp export`` would write for it (:mod:`autocomp.exporters.gguf_file`: autocomp's codes as
+Q4_0 / Q5_0 / Q8_0 blocks or ggml's own blocks for methods ``ggml``, F16 for the rest) to a temporary folder and timing it in llama.cpp: ``warmup`` runs, then
 ``repeats`` timed runs of a ``prompt_len``-token prompt and ``new_tokens`` single-token steps on
 random tokens, each from an empty cache, logits for the last position only; the medians are the
 figures. Memory is the file's bytes (llama.cpp maps the weights) plus what the process's resident set
