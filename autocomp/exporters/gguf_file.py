@@ -17,8 +17,9 @@ so symmetric 2-4 bits and asymmetric 2-3 bits are Q4_0, symmetric 5 and asymmetr
 symmetric 6-8 and asymmetric 5-7 bits Q8_0 (:func:`ggml_type`). Asymmetric 8-bit layers, groups that
 are not a multiple of 32 and layers whose input size is not a multiple of 32 cannot be held and are
 refused, by name. A layer in llama.cpp's own types (methods ``ggml``, ``ggml-imatrix``:
-:mod:`autocomp.compressors.ggml`) is written as the very blocks ggml's quantizer made for it. GGUF has no sparse storage: pruned weights are stored as zeros and the sparsity is
-stated in ``autocomp.json``. Every other 2-D tensor is stored in the export dtype (F16, BF16 or F32),
+:mod:`autocomp.compressors.ggml`) is written as the very blocks ggml's quantizer made for it. GGUF
+has no sparse storage: pruned weights are stored as zeros and the sparsity is stated in
+``autocomp.json``. Every other 2-D tensor is stored in the export dtype (F16, BF16 or F32),
 1-D tensors (norms, biases) in F32, as llama.cpp's own converter does.
 
 Tensor names, layouts and metadata follow llama.cpp's ``convert_hf_to_gguf.py`` for the
